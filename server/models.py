@@ -39,7 +39,7 @@ class ModelCard(BaseModel):
     serves_on: list[Literal["cpu", "gpu"]] = Field(default_factory=lambda: ["cpu", "gpu"])
     twin: str | None = Field(None, description="Folder name of the compressed checkpoint / its dequantized copy.")
     method: dict[str, object] = Field(default_factory=dict)
-    measured: dict[str, float] = Field(default_factory=dict)
+    measured: dict[str, float | int] = Field(default_factory=dict)
     command: str | None = Field(None, description="The command that produced this folder.")
 
 
@@ -73,19 +73,33 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     """Write a dequantized float32 safetensors HF folder from a GGUF file.
 
     transformers loads GGUF (dequantizing through the `gguf` package) but refuses to `save_pretrained` such a
-    model, so we rebuild a clean model from its config and load the state dict into it.
+    model, so the weights go into a clean model built from the config (see `save_clean`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    save_clean(loaded.state_dict(), config, tokenizer, out)
+
+
+def save_clean(state: dict[str, torch.Tensor], config, tokenizer, out: Path) -> None:
+    """Save weights as a plain dense float32 HF folder, atomically.
+
+    A fresh model is built from `config` (quantization settings dropped) and loaded strictly with the tensors
+    it declares, so side tensors a loader attached (GGUF metadata, compressed-tensors scales) never leak
+    into the folder and a missing weight fails loudly.
+    """
+    from transformers import AutoModelForCausalLM
+
     config.__dict__.pop("quantization_config", None)
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(loaded.state_dict())
+    wanted = clean.state_dict().keys()
+    clean.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     clean.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

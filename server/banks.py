@@ -1,0 +1,374 @@
+"""Prompt banks: K trained soft prompts of one length for one model, stored so a server can trust them.
+
+A bank is a folder holding `prompts.safetensors` (one float32 tensor [K, m, d]) and `bank.json`, a manifest
+saying which model the prompts belong to, how they were trained and what they measured. Soft prompts are
+only meaningful in the input-embedding space they were trained in, and a wrong or damaged bank degrades
+answers silently instead of crashing, so `load_bank` refuses anything it cannot vouch for, naming the file
+and the field at fault. Banks are read with safetensors only: a bank must never be able to run code.
+
+Single prompts move to and from PEFT prompt-tuning adapters (`export_peft`, `import_peft`), so prompts
+trained with PEFT can join a bank and a bank's prompts can be checked against PEFT itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from server.models import Fingerprint, text_config
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "bank.json"
+TENSOR_FILE = "prompts.safetensors"
+TENSOR_KEY = "prompts"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_TENSOR_KEY = "prompt_embeddings"
+
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+class BankError(ValueError):
+    """A prompt bank (or a PEFT adapter meant to join one) is missing, damaged or for another model."""
+
+
+def check_name(name: str, what: str = "bank name") -> str:
+    """Return `name` if it is safe as a single folder name, else raise BankError.
+
+    Bank names come from requests and CLI flags and become folder names under the banks directory; allowing
+    only [A-Za-z0-9._-] without a leading dot rules out '..', separators and hidden/temporary folders.
+    """
+    if not _NAME.fullmatch(name):
+        raise BankError(f"{what} {name!r}: use only letters, digits, '.', '_' and '-', not starting with '.'")
+    return name
+
+
+def bank_dir(banks_dir: Path, name: str) -> Path:
+    """The folder of bank `name` under `banks_dir`, refusing names that could point elsewhere."""
+    return Path(banks_dir) / check_name(name)
+
+
+def list_banks(banks_dir: Path) -> list[str]:
+    """Names of the bank folders (those with a manifest) under `banks_dir`; [] if it does not exist."""
+    if not Path(banks_dir).is_dir():
+        return []
+    return sorted(
+        p.name for p in Path(banks_dir).iterdir() if _NAME.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()
+    )
+
+
+class BankManifest(BaseModel):
+    """`bank.json`: everything needed to decide whether a bank's tensor file may be used with a model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str
+    prompt_names: list[str] = Field(min_length=1)
+    k: int = Field(ge=1, description="Number of prompts; equals len(prompt_names).")
+    m: int = Field(ge=1, description="Soft tokens per prompt (all prompts have the same length).")
+    hidden_size: int = Field(ge=1)
+    dtype: Literal["float32"] = "float32"
+    model: Fingerprint
+    trained: dict[str, Any] = Field(default_factory=dict, description="Data, steps, seed, loss, objective...")
+    measured: dict[str, float] = Field(default_factory=dict, description="E.g. perplexity with/without prompts.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description=f"sha256 of {TENSOR_FILE}.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_name(name)
+
+    @field_validator("prompt_names")
+    @classmethod
+    def _unique_safe_names(cls, names: list[str]) -> list[str]:
+        """Prompt names select a prompt per request and name exported adapter folders."""
+        for name in names:
+            check_name(name, "prompt name")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate prompt names {duplicates}")
+        return names
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BankManifest:
+        if len(self.prompt_names) != self.k:
+            raise ValueError(f"prompt_names has {len(self.prompt_names)} names but k is {self.k}")
+        if self.hidden_size != self.model.hidden_size:
+            raise ValueError(f"hidden_size {self.hidden_size} differs from model.hidden_size {self.model.hidden_size}")
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class PromptBank:
+    """A loaded bank: float32 embeddings [K, m, d] and the manifest that vouches for them."""
+
+    embeddings: torch.Tensor
+    manifest: BankManifest
+
+    def __post_init__(self) -> None:
+        _check_embeddings(self.embeddings, self.manifest, "prompt bank")
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def prompt_names(self) -> list[str]:
+        return list(self.manifest.prompt_names)
+
+    @property
+    def k(self) -> int:
+        return self.manifest.k
+
+    @property
+    def m(self) -> int:
+        return self.manifest.m
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest.hidden_size
+
+    def index(self, prompt_name: str) -> int:
+        """Row of `prompt_name`; the KeyError lists the known names so a bad request is easy to fix."""
+        try:
+            return self.manifest.prompt_names.index(prompt_name)
+        except ValueError:
+            raise KeyError(f"bank {self.name!r} has no prompt {prompt_name!r}; known: {self.prompt_names}") from None
+
+
+def _check_embeddings(embeddings: torch.Tensor, manifest: BankManifest, where: str) -> None:
+    """Refuse a tensor that is not float32 [k, m, hidden_size] of finite values, naming the prompt at fault."""
+    expected = (manifest.k, manifest.m, manifest.hidden_size)
+    if embeddings.dtype != torch.float32:
+        raise BankError(f"{where}: dtype is {embeddings.dtype}, manifest says {manifest.dtype}")
+    if tuple(embeddings.shape) != expected:
+        fields = ("k", "m", "hidden_size")
+        differ = [f for f, got, want in zip(fields, embeddings.shape, expected) if got != want] or ["rank"]
+        raise BankError(
+            f"{where}: shape {list(embeddings.shape)} does not match manifest [k, m, hidden_size] = "
+            f"{list(expected)} ({', '.join(differ)} differs)"
+        )
+    for name, prompt in zip(manifest.prompt_names, embeddings):
+        if not torch.isfinite(prompt).all():
+            raise BankError(f"{where}: prompt {name!r} contains NaN or Inf values")
+
+
+def _serialize(embeddings: torch.Tensor) -> bytes:
+    """The exact bytes of the tensor file; deterministic, so its sha256 can be known before writing."""
+    return save_safetensors({TENSOR_KEY: embeddings.contiguous()}, metadata={"format": "pt"})
+
+
+def make_bank(
+    name: str,
+    prompts: torch.Tensor | Sequence[torch.Tensor],
+    prompt_names: Sequence[str],
+    model: Fingerprint,
+    trained: dict[str, Any] | None = None,
+    measured: dict[str, float] | None = None,
+) -> PromptBank:
+    """Build a bank from K prompts [m, d] (a list or one [K, m, d] tensor) trained for `model`."""
+    if not isinstance(prompts, torch.Tensor):
+        lengths = [int(p.shape[0]) for p in prompts]
+        if len(set(lengths)) > 1:
+            raise BankError(f"bank {name!r}: prompts must have equal lengths m, got {list(zip(prompt_names, lengths))}")
+        prompts = torch.stack(list(prompts)) if len(prompts) else torch.empty(0)
+    embeddings = prompts.detach().to("cpu", torch.float32).contiguous()
+    if embeddings.ndim != 3 or len(prompt_names) != embeddings.shape[0]:
+        raise BankError(
+            f"bank {name!r}: {len(prompt_names)} prompt names for prompts of shape {list(embeddings.shape)}"
+        )
+    manifest = _validate_manifest(
+        dict(
+            name=name, prompt_names=list(prompt_names), k=embeddings.shape[0], m=embeddings.shape[1],
+            hidden_size=embeddings.shape[2], model=model, trained=trained or {}, measured=measured or {},
+            sha256=hashlib.sha256(_serialize(embeddings)).hexdigest(),
+        ),
+        f"bank {name!r}",
+    )
+    return PromptBank(embeddings, manifest)
+
+
+def _validate_manifest(data: dict[str, Any] | str, where: str) -> BankManifest:
+    """Parse a manifest (dict or JSON text), turning pydantic's errors into one BankError naming the fields."""
+    try:
+        if isinstance(data, str):
+            return BankManifest.model_validate_json(data)
+        return BankManifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field '{'.'.join(map(str, e['loc']))}': {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+        )
+        raise BankError(f"{where}: {problems}") from None
+
+
+def save_bank(bank: PromptBank, folder: Path) -> Path:
+    """Write `bank` to `folder` atomically: readers see the old bank or the new one, never a mix.
+
+    Files go to a hidden sibling folder that is then renamed into place; an existing bank is moved aside
+    first (directories cannot be replaced in one rename) and deleted after.
+    """
+    folder = Path(folder)
+    data = _serialize(bank.embeddings)
+    manifest = bank.manifest.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()})
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / TENSOR_FILE).write_bytes(data)
+    (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_bank(folder: Path, expect: Fingerprint | None = None) -> PromptBank:
+    """Load and verify a bank; with `expect`, also refuse a bank trained for another model."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BankError(f"{folder}: no such bank folder")
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BankError(f"{manifest_path}: manifest missing")
+    manifest = _validate_manifest(manifest_path.read_text(), str(manifest_path))
+    if expect is not None:
+        _check_model(manifest.model, expect, manifest_path)
+    embeddings = _read_tensor(folder / TENSOR_FILE, manifest)
+    _check_embeddings(embeddings, manifest, str(folder / TENSOR_FILE))
+    return PromptBank(embeddings, manifest)
+
+
+def _check_model(have: Fingerprint, expect: Fingerprint, manifest_path: Path) -> None:
+    """Refuse a bank whose model digests differ from `expect`; only warn when just the variant folder differs.
+
+    Compressed variants share the base model's embeddings (see `Fingerprint`), so a bank trained on one
+    variant is usable on another, but it repairs best the variant it was trained for.
+    """
+    fields = ("config_sha256", "embedding_sha256", "hidden_size", "vocab_size")
+    differ = [f for f in fields if getattr(have, f) != getattr(expect, f)]
+    if differ:
+        details = "; ".join(f"field 'model.{f}': bank has {getattr(have, f)}, model has {getattr(expect, f)}"
+                            for f in differ)
+        raise BankError(f"{manifest_path}: bank is for model {have.weights!r}, not {expect.weights!r} ({details})")
+    if have.weights != expect.weights:
+        warnings.warn(
+            f"{manifest_path}: bank was trained on {have.weights!r} and is used with {expect.weights!r} "
+            "(same embeddings, different weights)",
+            stacklevel=3,
+        )
+
+
+def _read_tensor(path: Path, manifest: BankManifest) -> torch.Tensor:
+    """Read the [K, m, d] tensor, refusing a file whose bytes are not the ones the manifest vouches for."""
+    if not path.is_file():
+        raise BankError(f"{path}: tensor file missing")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        tensors = load_safetensors(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError for every malformed input
+        raise BankError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc}); "
+                        f"sha256 {digest}, manifest says {manifest.sha256}") from None
+    if digest != manifest.sha256:
+        raise BankError(f"{path}: sha256 {digest} does not match manifest field 'sha256' {manifest.sha256} "
+                        "(file modified after the manifest was written)")
+    if set(tensors) != {TENSOR_KEY}:
+        raise BankError(f"{path}: expected one tensor {TENSOR_KEY!r}, found {sorted(tensors)}")
+    return tensors[TENSOR_KEY]
+
+
+def export_peft(bank: PromptBank, prompt_name: str, folder: Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write one prompt as a PEFT prompt-tuning adapter that `PeftModel.from_pretrained` loads.
+
+    If `base_model_name_or_path` is a local model folder, the layer and head counts are copied from its
+    config; otherwise they stay null and PEFT fills them from the model it attaches the adapter to.
+    """
+    from peft import PromptTuningConfig  # peft imports in seconds; serving banks does not need it
+
+    row = bank.embeddings[bank.index(prompt_name)]
+    model_dir = Path(base_model_name_or_path) if base_model_name_or_path else None
+    shape = text_config(model_dir) if model_dir and (model_dir / "config.json").is_file() else {}
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=bank.m, token_dim=bank.hidden_size, num_transformer_submodules=1,
+        num_attention_heads=shape.get("num_attention_heads"), num_layers=shape.get("num_hidden_layers"),
+        base_model_name_or_path=base_model_name_or_path, inference_mode=True,
+    )
+    folder = Path(folder)
+    config.save_pretrained(str(folder))
+    (folder / PEFT_WEIGHTS_FILE).write_bytes(
+        save_safetensors({PEFT_TENSOR_KEY: row.clone().contiguous()}, metadata={"format": "pt"})
+    )
+    return folder
+
+
+def import_peft(
+    folders: Sequence[Path],
+    names: Sequence[str],
+    bank_name: str,
+    fingerprint: Fingerprint,
+    trained: dict[str, Any] | None = None,
+    measured: dict[str, float] | None = None,
+) -> PromptBank:
+    """Build a bank from PEFT prompt-tuning adapters (one prompt each) trained for the `fingerprint` model."""
+    if len(folders) != len(names):
+        raise BankError(f"bank {bank_name!r}: {len(folders)} adapter folders but {len(names)} names")
+    prompts = [_read_peft_prompt(Path(f), fingerprint.hidden_size) for f in folders]
+    lengths = {str(Path(f) / PEFT_WEIGHTS_FILE): int(p.shape[0]) for f, p in zip(folders, prompts)}
+    if len(set(lengths.values())) > 1:
+        raise BankError(f"bank {bank_name!r}: adapters have unequal num_virtual_tokens (m): {lengths}")
+    source = {"source": "peft", "adapters": [str(f) for f in folders]}
+    return make_bank(bank_name, prompts, names, fingerprint, {**source, **(trained or {})}, measured)
+
+
+def _read_peft_prompt(folder: Path, hidden_size: int) -> torch.Tensor:
+    """One adapter's prompt [m, d], validated by PEFT's own config classes and against the model's width."""
+    from peft import PeftConfig, PromptTuningConfig
+
+    config_path = folder / PEFT_CONFIG_FILE
+    if not config_path.is_file():
+        raise BankError(f"{config_path}: adapter config missing")
+    try:
+        config = PeftConfig.from_peft_type(**json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise BankError(f"{config_path}: not a valid PEFT adapter config ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, PromptTuningConfig):
+        raise BankError(f"{config_path}: field 'peft_type' is {config.peft_type!s}, only PROMPT_TUNING can join a bank")
+    if config.num_transformer_submodules not in (None, 1):
+        raise BankError(f"{config_path}: field 'num_transformer_submodules' is {config.num_transformer_submodules}, "
+                        "only decoder-only (1) prompts can join a bank")
+    if config.token_dim != hidden_size:
+        raise BankError(f"{config_path}: field 'token_dim' is {config.token_dim}, the model's hidden size is "
+                        f"{hidden_size}")
+    return _read_peft_tensor(folder / PEFT_WEIGHTS_FILE, (config.num_virtual_tokens, config.token_dim))
+
+
+def _read_peft_tensor(path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    """The adapter's `prompt_embeddings`, refusing a file that is unreadable or disagrees with its config."""
+    if not path.is_file():
+        raise BankError(f"{path}: adapter weights missing")
+    try:
+        tensors = load_safetensors(path.read_bytes())
+    except Exception as exc:  # safetensors raises its own SafetensorError for every malformed input
+        raise BankError(f"{path}: not a readable safetensors file ({exc})") from None
+    if PEFT_TENSOR_KEY not in tensors:
+        raise BankError(f"{path}: no tensor {PEFT_TENSOR_KEY!r}, found {sorted(tensors)}")
+    prompt = tensors[PEFT_TENSOR_KEY]
+    if tuple(prompt.shape) != shape:
+        raise BankError(f"{path}: '{PEFT_TENSOR_KEY}' has shape {list(prompt.shape)}, adapter config "
+                        f"(num_virtual_tokens, token_dim) says {list(shape)}")
+    return prompt.to(torch.float32)

@@ -1,0 +1,101 @@
+"""The `idp-serve` command: parses arguments and calls the module that does the work, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+
+from server.config import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], None]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from IDP_* env, overridden by the flags given on the command line."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def _prepare(args: argparse.Namespace, settings: Settings) -> None:
+    from server.compress import DEFAULT_SPEC, compress
+    from server.evaluate import record_perplexity
+    from server.models import prepare_base, read_card
+
+    base = prepare_base(settings.models_dir, settings.home / "packages")
+    print(f"base model: {base}")
+    served = compress(base, DEFAULT_SPEC, settings.models_dir, settings.data_dir, "idp-serve prepare")
+    for folder in (base, served):
+        card = read_card(folder)
+        if card is not None and "heldout_ppl" not in card.measured:
+            record_perplexity(folder, settings.data_dir)
+    print(f"compressed model (served on CPU): {served}")
+
+
+def _compress(args: argparse.Namespace, settings: Settings) -> None:
+    from server.compress import CompressionSpec, compress
+    from server.evaluate import record_perplexity
+    from server.models import resolve
+
+    spec = CompressionSpec(
+        method=args.method, bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
+        structure=args.structure, calibration_samples=args.calibration_samples,
+        calibration_len=args.calibration_len,
+    )
+    base = resolve(args.model, settings.models_dir)
+    command = "idp-serve " + shlex.join(sys.argv[1:])
+    served = compress(base, spec, settings.models_dir, settings.data_dir, command)
+    ppl = record_perplexity(served, settings.data_dir) if args.measure else None
+    print(f"{served}" + (f"  held-out perplexity {ppl:.2f}" if ppl is not None else ""))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", help="root of idp-serve's caches (env IDP_HOME)")
+    parser.add_argument("--models-dir", dest="models_dir", help="model folders (env IDP_MODELS_DIR)")
+    parser.add_argument("--data-dir", dest="data_dir", help="offline corpora (env IDP_DATA_DIR)")
+    parser.add_argument("--torch-threads", dest="torch_threads", type=int, help="torch threads (env IDP_TORCH_THREADS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idp-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prepare = sub.add_parser("prepare", help="convert the embedded default model and make its default compressed variant")
+    _common(prepare)
+    prepare.set_defaults(handler=_prepare)
+
+    comp = sub.add_parser("compress", help="compress a model with llm-compressor (GPTQ, SparseGPT, Wanda)")
+    _common(comp)
+    comp.add_argument("--model", default="smollm2-135m-instruct", help="model folder or name under the models dir")
+    comp.add_argument("--method", required=True, choices=["gptq", "sparsegpt", "wanda"])
+    comp.add_argument("--bits", type=int, help="gptq weight bits (2-8)")
+    comp.add_argument("--group-size", dest="group_size", type=int, default=64)
+    comp.add_argument("--sparsity", type=float, default=0.5)
+    comp.add_argument("--structure", choices=["unstructured", "2:4"], default="unstructured")
+    comp.add_argument("--calibration-samples", dest="calibration_samples", type=int, default=16)
+    comp.add_argument("--calibration-len", dest="calibration_len", type=int, default=512)
+    comp.add_argument("--no-measure", dest="measure", action="store_false", help="skip held-out perplexity")
+    comp.set_defaults(handler=_compress)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = _settings(args)
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    try:
+        args.handler(args, settings)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+        sys.exit(f"idp-serve {args.command}: error: {errors}")
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"idp-serve {args.command}: error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
