@@ -95,7 +95,7 @@ class BankManifest(BaseModel):
     @field_validator("prompt_names")
     @classmethod
     def _unique_safe_names(cls, names: list[str]) -> list[str]:
-        """Prompt names select a prompt per request and name exported adapter folders."""
+        """Requests pick a prompt by name, so names must be unique and plain."""
         for name in names:
             check_name(name, "prompt name")
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -105,10 +105,13 @@ class BankManifest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> BankManifest:
+        """A manifest must agree with itself before the tensor file is checked against it."""
         if len(self.prompt_names) != self.k:
-            raise ValueError(f"prompt_names has {len(self.prompt_names)} names but k is {self.k}")
+            raise ValueError(f"field 'prompt_names' has {len(self.prompt_names)} names but field 'k' is {self.k}")
         if self.hidden_size != self.model.hidden_size:
-            raise ValueError(f"hidden_size {self.hidden_size} differs from model.hidden_size {self.model.hidden_size}")
+            raise ValueError(
+                f"field 'hidden_size' is {self.hidden_size} but field 'model.hidden_size' is {self.model.hidden_size}"
+            )
         return self
 
 
@@ -154,13 +157,13 @@ def _check_embeddings(embeddings: torch.Tensor, manifest: BankManifest, where: s
     """Refuse a tensor that is not float32 [k, m, hidden_size] of finite values, naming the prompt at fault."""
     expected = (manifest.k, manifest.m, manifest.hidden_size)
     if embeddings.dtype != torch.float32:
-        raise BankError(f"{where}: dtype is {embeddings.dtype}, manifest says {manifest.dtype}")
+        raise BankError(f"{where}: dtype is {embeddings.dtype}, manifest field 'dtype' says {manifest.dtype}")
     if tuple(embeddings.shape) != expected:
         fields = ("k", "m", "hidden_size")
         differ = [f for f, got, want in zip(fields, embeddings.shape, expected) if got != want] or ["rank"]
         raise BankError(
             f"{where}: shape {list(embeddings.shape)} does not match manifest [k, m, hidden_size] = "
-            f"{list(expected)} ({', '.join(differ)} differs)"
+            f"{list(expected)} (manifest field {', '.join(map(repr, differ))} differs)"
         )
     for name, prompt in zip(manifest.prompt_names, embeddings):
         if not torch.isfinite(prompt).all():
@@ -209,10 +212,13 @@ def _validate_manifest(data: dict[str, Any] | str, where: str) -> BankManifest:
             return BankManifest.model_validate_json(data)
         return BankManifest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"field '{'.'.join(map(str, e['loc']))}': {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
-        )
-        raise BankError(f"{where}: {problems}") from None
+        raise BankError(f"{where}: {'; '.join(_describe(e) for e in exc.errors())}") from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as "field 'a.b': problem"; our own validators' messages name their fields already."""
+    problem = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    return f"field '{'.'.join(map(str, error['loc']))}': {problem}" if error["loc"] else problem
 
 
 def save_bank(bank: PromptBank, folder: Path) -> Path:
@@ -343,11 +349,12 @@ def _read_peft_prompt(folder: Path, hidden_size: int) -> torch.Tensor:
     if not config_path.is_file():
         raise BankError(f"{config_path}: adapter config missing")
     try:
-        config = PeftConfig.from_peft_type(**json.loads(config_path.read_text()))
+        raw = json.loads(config_path.read_text())
+        config = PeftConfig.from_peft_type(**raw)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BankError(f"{config_path}: not a valid PEFT adapter config ({type(exc).__name__}: {exc})") from None
     if not isinstance(config, PromptTuningConfig):
-        raise BankError(f"{config_path}: field 'peft_type' is {config.peft_type!s}, only PROMPT_TUNING can join a bank")
+        raise BankError(f"{config_path}: field 'peft_type' is {raw['peft_type']}, only PROMPT_TUNING can join a bank")
     if config.num_transformer_submodules not in (None, 1):
         raise BankError(f"{config_path}: field 'num_transformer_submodules' is {config.num_transformer_submodules}, "
                         "only decoder-only (1) prompts can join a bank")

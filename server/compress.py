@@ -114,6 +114,7 @@ def compress(base: Path, spec: CompressionSpec, models_dir: Path, data_dir: Path
         format="compressed-tensors" if spec.method == "gptq" else "dense",
         serves_on=["gpu"] if spec.needs_dense_twin else ["cpu", "gpu"],
         twin=twin.name if spec.needs_dense_twin else None,
+        serve_dtype="bfloat16" if spec.method == "gptq" and not spec.needs_dense_twin else "float32",
         method=spec.model_dump() | {"seconds": round(seconds, 1)},
         measured={"bytes": folder_bytes(out)},
         command=command,
@@ -122,7 +123,7 @@ def compress(base: Path, spec: CompressionSpec, models_dir: Path, data_dir: Path
         _write_dense_twin(out, twin)
         twin_card = card.model_copy(
             update={"name": twin.name, "role": "dequantized", "format": "dense", "serves_on": ["cpu", "gpu"],
-                    "twin": name, "measured": {"bytes": folder_bytes(twin)}}
+                    "twin": name, "serve_dtype": "float32", "measured": {"bytes": folder_bytes(twin)}}
         )
         write_card(twin, twin_card)
     write_card(out, card)

@@ -38,6 +38,9 @@ class ModelCard(BaseModel):
     format: Literal["dense", "compressed-tensors"] = "dense"
     serves_on: list[Literal["cpu", "gpu"]] = Field(default_factory=lambda: ["cpu", "gpu"])
     twin: str | None = Field(None, description="Folder name of the compressed checkpoint / its dequantized copy.")
+    serve_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype to serve with on CPU: vLLM's CPU 4-bit kernels take bfloat16 activations only."
+    )
     method: dict[str, object] = Field(default_factory=dict)
     measured: dict[str, float | int] = Field(default_factory=dict)
     command: str | None = Field(None, description="The command that produced this folder.")
