@@ -1,0 +1,192 @@
+"""Train soft prompts against the frozen compressed model: one prompt, a curated bank, or a bank trained jointly
+with the IDP selection rule in the loop.
+
+Only the prompt embeddings are trainable: the served weights stay exactly as vLLM serves them. Two objectives:
+- `lm`: next-token cross-entropy on the text (the paper's baseline, as in "Compress, then Prompt");
+- `kd`: KL from the uncompressed model's next-token distribution to the prompted compressed model's
+  (distillation), which recovers more of what compression lost than the LM loss does on real tasks.
+Runs are seeded and deterministic, write resumable checkpoints (safetensors), and show progress bars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+Objective = Literal["lm", "kd"]
+
+
+class TrainSpec(BaseModel):
+    """Hyper-parameters of one training run (recorded verbatim in the bank manifest)."""
+
+    objective: Objective = "kd"
+    num_virtual_tokens: int = Field(16, ge=1, le=256)
+    steps: int = Field(120, ge=1, description="Optimizer steps per prompt (curated/single) or in all (joint).")
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(4, ge=1)
+    seq_len: int = Field(128, ge=8)
+    seed: int = 0
+    checkpoint_every: int = Field(40, ge=1)
+    capacity: float = Field(1.5, ge=1.0, description="Joint mode: a prompt takes at most capacity*B/K of a batch.")
+
+
+@dataclass(frozen=True)
+class Models:
+    """The frozen compressed model being repaired and, for distillation, the uncompressed teacher."""
+
+    student: PreTrainedModel
+    teacher: PreTrainedModel | None = None
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, no gradients for any weight: only prompts train."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def init_prompt(model: PreTrainedModel, blocks: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
+    """A prompt initialised from the embeddings of m real tokens drawn from the training text.
+
+    Starting inside the model's token manifold (as PEFT's TEXT/sampled-vocab init does) trains faster and more
+    stably than random vectors, whose norms the model has never seen.
+    """
+    flat = blocks.flatten()
+    picks = flat[torch.randint(0, flat.numel(), (m,), generator=generator)]
+    return model.get_input_embeddings().weight[picks].detach().clone()
+
+
+def prompt_loss(models: Models, prompts: torch.Tensor, ids: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Per-example loss of text `ids` [B, n] behind per-example prompts [B, m, d] (text tokens only).
+
+    Position i of the text predicts token i+1 in both objectives, so `lm` and `kd` score the same positions,
+    and the numbers are comparable with `evaluate.perplexity`.
+    """
+    embed = models.student.get_input_embeddings()
+    m = prompts.shape[1]
+    logits = models.student(inputs_embeds=torch.cat([prompts, embed(ids)], dim=1)).logits[:, m:-1]
+    if objective == "lm":
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return nll.mean(dim=1)
+    assert models.teacher is not None, "kd needs the uncompressed teacher model"
+    with torch.no_grad():
+        teacher = models.teacher(input_ids=ids).logits[:, :-1].log_softmax(-1)
+    student = logits.log_softmax(-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean(dim=1)
+
+
+@dataclass
+class Checkpoint:
+    """Resumable state of a run: the prompts, Adam's moments and the step reached, in safetensors + JSON."""
+
+    folder: Path
+
+    def load(self, prompts: torch.Tensor, optimizer: torch.optim.Adam) -> int:
+        """Restore state into `prompts` / `optimizer` if a checkpoint exists; return the next step."""
+        meta = self.folder / "state.json"
+        if not meta.exists():
+            return 0
+        tensors = load_file(self.folder / "state.safetensors")
+        prompts.data.copy_(tensors["prompts"])
+        state = optimizer.state[prompts]
+        state["exp_avg"], state["exp_avg_sq"] = tensors["exp_avg"], tensors["exp_avg_sq"]
+        state["step"] = torch.tensor(float(json.loads(meta.read_text())["step"]))
+        return int(json.loads(meta.read_text())["step"])
+
+    def save(self, prompts: torch.Tensor, optimizer: torch.optim.Adam, step: int, extra: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = optimizer.state[prompts]
+        save_file(
+            {"prompts": prompts.detach().contiguous(), "exp_avg": state["exp_avg"].contiguous(),
+             "exp_avg_sq": state["exp_avg_sq"].contiguous()},
+            self.folder / "state.safetensors",
+        )
+        (self.folder / "state.json").write_text(json.dumps({"step": step} | extra))
+
+
+def _batches(blocks: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """An endless, seeded stream of batches [B, n] drawn without replacement per epoch."""
+    while True:
+        order = torch.randperm(blocks.shape[0], generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield blocks[order[start:start + batch_size]]
+
+
+def train_prompts(
+    models: Models,
+    init: torch.Tensor,
+    data: torch.Tensor,
+    spec: TrainSpec,
+    checkpoint: Checkpoint,
+    route: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    desc: str = "train",
+) -> tuple[torch.Tensor, list[float]]:
+    """Train prompts [K, m, d] on token blocks [N, n]; return the prompts and the loss per step.
+
+    Without `route`, K must be 1 (one prompt sees every example). With `route(prompts, batch) -> index[B]`,
+    each example trains only the prompt it is routed to (joint IDP training).
+    """
+    generator = torch.Generator().manual_seed(spec.seed)
+    prompts = torch.nn.Parameter(init.clone())
+    optimizer = torch.optim.Adam([prompts], lr=spec.lr)
+    start = checkpoint.load(prompts, optimizer)
+    batches = _batches(data, spec.batch_size, generator)
+    for _ in range(start):  # replay the data stream so a resumed run sees what an uninterrupted one would
+        next(batches)
+    losses: list[float] = []
+    for step in (bar := tqdm(range(start, spec.steps), desc=desc, initial=start, total=spec.steps)):
+        ids = next(batches)
+        index = torch.zeros(len(ids), dtype=torch.long) if route is None else route(prompts.detach(), ids)
+        loss = prompt_loss(models, prompts[index], ids, spec.objective).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
+            checkpoint.save(prompts, optimizer, step + 1, {"desc": desc})
+    return prompts.detach(), losses
+
+
+def capacity_route(scores: torch.Tensor, capacity: float) -> torch.Tensor:
+    """Route each example to its highest-scoring prompt, but no prompt takes more than ceil(capacity*B/K).
+
+    The cap is the guard against collapse: without it, the prompt that wins early attracts every example and
+    the other K-1 prompts never train. Examples are placed in order of their best score; an example whose
+    best prompt is full goes to its next best.
+    """
+    b, k = scores.shape
+    cap = max(1, math.ceil(capacity * b / k))
+    load = torch.zeros(k, dtype=torch.long)
+    index = torch.empty(b, dtype=torch.long)
+    for i in scores.max(dim=1).values.argsort(descending=True).tolist():
+        for choice in scores[i].argsort(descending=True).tolist():
+            if load[choice] < cap:
+                index[i], load[choice] = choice, load[choice] + 1
+                break
+    return index
+
+
+def mean_loss(models: Models, prompt: torch.Tensor | None, blocks: torch.Tensor, objective: Objective,
+              batch_size: int = 8) -> float:
+    """Average per-example loss on held-out blocks behind one prompt [m, d], or behind none."""
+    if prompt is None:
+        prompt = torch.zeros(0, models.student.get_input_embeddings().weight.shape[1])
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            ids = blocks[start:start + batch_size]
+            total += prompt_loss(models, prompt.expand(len(ids), -1, -1), ids, objective).sum().item()
+    return total / len(blocks)
