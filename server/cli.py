@@ -6,11 +6,13 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from server.config import Settings
 
+DEFAULT_SERVED = "smollm2-135m-instruct-gptq-w3g64-dense"
 Handler = Callable[[argparse.Namespace, Settings], None]
 
 
@@ -52,6 +54,25 @@ def _compress(args: argparse.Namespace, settings: Settings) -> None:
     print(f"{served}" + (f"  held-out perplexity {ppl:.2f}" if ppl is not None else ""))
 
 
+def _train(args: argparse.Namespace, settings: Settings) -> None:
+    from server.models import resolve
+    from server.train import BankPlan, TrainSpec, build_and_save
+
+    spec = TrainSpec(
+        objective=args.objective, num_virtual_tokens=args.num_virtual_tokens, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+    )
+    plan = BankPlan(mode=args.mode, **({"sources": tuple(args.sources.split(","))} if args.sources else {}))
+    student = resolve(args.model, settings.models_dir)
+    teacher = resolve(args.teacher, settings.models_dir) if args.objective == "kd" else None
+    command = "idp-serve " + shlex.join(sys.argv[1:])
+    folder = build_and_save(
+        student, teacher, plan, spec, args.bank, args.banks_dir, settings.data_dir,
+        settings.home / "train", command, args.single,
+    )
+    print(folder)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", help="root of idp-serve's caches (env IDP_HOME)")
     parser.add_argument("--models-dir", dest="models_dir", help="model folders (env IDP_MODELS_DIR)")
@@ -79,6 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calibration-len", dest="calibration_len", type=int, default=512)
     comp.add_argument("--no-measure", dest="measure", action="store_false", help="skip held-out perplexity")
     comp.set_defaults(handler=_compress)
+
+    train = sub.add_parser("train", help="train a prompt bank (or a single prompt) against a compressed model")
+    _common(train)
+    train.add_argument("--mode", choices=["single", "curated", "joint"], default="curated")
+    train.add_argument("--model", default=DEFAULT_SERVED, help="the compressed model the prompts repair")
+    train.add_argument("--teacher", default="smollm2-135m-instruct", help="uncompressed model (objective kd)")
+    train.add_argument("--objective", choices=["lm", "kd"], default="kd")
+    train.add_argument("--bank", default="default", help="bank name (its folder under --banks-dir)")
+    train.add_argument("--banks-dir", dest="banks_dir", type=Path, default=Path("prompt_banks"))
+    train.add_argument("--sources", help="comma-separated data sources (default: news,howto,units,knowledge)")
+    train.add_argument("--single", type=Path, help="a single-prompt bank to measure beside this one")
+    train.add_argument("--num-virtual-tokens", "-m", dest="num_virtual_tokens", type=int, default=16)
+    train.add_argument("--steps", type=int, default=40, help="steps per prompt")
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--batch-size", dest="batch_size", type=int, default=4)
+    train.add_argument("--seq-len", dest="seq_len", type=int, default=64)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(handler=_train)
     return parser
 
 

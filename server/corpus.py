@@ -31,14 +31,41 @@ def lee_heldout(data_dir: Path) -> list[str]:
     return _lee_file(data_dir, "lee.cor").read_text(encoding="latin-1").splitlines()
 
 
-def token_blocks(tokenizer: PreTrainedTokenizerBase, docs: list[str], block_len: int, n_blocks: int) -> torch.Tensor:
-    """Concatenate documents (EOS-separated) and cut `n_blocks` consecutive blocks of `block_len` tokens.
+def token_blocks(tokenizer: PreTrainedTokenizerBase, docs: list[str], block_len: int,
+                 n_blocks: int | None = None) -> torch.Tensor:
+    """Concatenate documents (EOS-separated) and cut consecutive blocks of `block_len` tokens.
 
-    Raises ValueError when the documents are too short, rather than silently returning fewer blocks.
+    `n_blocks=None` takes every full block; a number asks for exactly that many and raises ValueError when
+    the documents are too short, rather than silently returning fewer.
     """
     sep = tokenizer.eos_token or "\n\n"
     ids = tokenizer(sep.join(d.strip() for d in docs if d.strip()), add_special_tokens=False)["input_ids"]
-    need = block_len * n_blocks
-    if len(ids) < need:
-        raise ValueError(f"corpus has {len(ids)} tokens, {need} needed for {n_blocks} x {block_len}")
-    return torch.tensor(ids[:need], dtype=torch.long).view(n_blocks, block_len)
+    count = len(ids) // block_len if n_blocks is None else n_blocks
+    if count == 0 or len(ids) < block_len * count:
+        raise ValueError(f"corpus has {len(ids)} tokens, {block_len * max(count, 1)} needed for {count} x {block_len}")
+    return torch.tensor(ids[: block_len * count], dtype=torch.long).view(count, block_len)
+
+
+# Training domains of the default bank: each prompt of a curated bank specialises in one of them.
+SOURCES: dict[str, tuple[str, ...]] = {
+    "news": (),
+    "howto": ("step_inference", "goal_inference"),
+    "units": ("unit_identification", "physical_intuition"),
+    "knowledge": ("general_knowledge", "human_organs_senses", "odd_one_out", "phrase_relatedness",
+                  "similarities_abstraction", "riddle_sense", "emoji_movie", "anachronisms"),
+}
+
+
+def source_texts(name: str, data_dir: Path, heldout: bool = False) -> list[str]:
+    """Texts of a training domain: Lee news articles, or task examples rendered with their right answer.
+
+    Task domains train on their tasks' train split and hold out the dev split; test splits never appear.
+    """
+    from server.tasks import task_split
+
+    if name not in SOURCES:
+        raise ValueError(f"unknown data source {name!r}; known: {', '.join(SOURCES)}")
+    if name == "news":
+        return lee_heldout(data_dir) if heldout else lee_train(data_dir)
+    split = "dev" if heldout else "train"
+    return [e.rendered() for task in SOURCES[name] for e in task_split(task, split)]

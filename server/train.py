@@ -190,3 +190,124 @@ def mean_loss(models: Models, prompt: torch.Tensor | None, blocks: torch.Tensor,
             ids = blocks[start:start + batch_size]
             total += prompt_loss(models, prompt.expand(len(ids), -1, -1), ids, objective).sum().item()
     return total / len(blocks)
+
+
+class BankPlan(BaseModel):
+    """What to train: the mode, the data sources (one prompt each, or one prompt on all for `single`)."""
+
+    mode: Literal["single", "curated", "joint"]
+    sources: tuple[str, ...] = ("news", "howto", "units", "knowledge")
+    heldout_blocks: int = Field(8, ge=1, description="Held-out blocks per source for the measurements.")
+
+
+def source_blocks(tokenizer, sources: tuple[str, ...], data_dir: Path, seq_len: int, heldout: bool,
+                  limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Token blocks [N, seq_len] per data source (all that the text fills, or at most `limit`)."""
+    from server.corpus import source_texts, token_blocks
+
+    blocks = {name: token_blocks(tokenizer, source_texts(name, data_dir, heldout=heldout), seq_len)
+              for name in sources}
+    return {name: b[:limit] for name, b in blocks.items()}
+
+
+def train_bank(models: Models, plan: BankPlan, spec: TrainSpec, train: dict[str, torch.Tensor],
+               work_dir: Path, router: PreTrainedModel | None = None) -> tuple[torch.Tensor, list[str], dict]:
+    """Train the prompts of a bank; return prompts [K, m, d], their names and a training record.
+
+    `single` trains one prompt on all sources together; `curated` one prompt per source on that source only;
+    `joint` K prompts (started like curated ones) on all sources, each example routed by the IDP selection
+    rule (`router`: a selection model on the student's weights) under a capacity cap.
+    """
+    generator = torch.Generator().manual_seed(spec.seed)
+    names = list(plan.sources)
+    if plan.mode == "single":
+        data = torch.cat([train[s] for s in names])
+        init = init_prompt(models.student, data, spec.num_virtual_tokens, generator)[None]
+        prompts, losses = train_prompts(models, init, data, spec, Checkpoint(work_dir / "single"), desc="single")
+        return prompts, ["general"], {"losses": {"general": _summary(losses)}}
+    inits = torch.stack([init_prompt(models.student, train[s], spec.num_virtual_tokens, generator) for s in names])
+    if plan.mode == "curated":
+        trained, record = [], {}
+        for k, name in enumerate(names):
+            sub = spec.model_copy(update={"seed": spec.seed + k})
+            p, losses = train_prompts(models, inits[k:k + 1], train[name], sub, Checkpoint(work_dir / name), desc=name)
+            trained.append(p[0])
+            record[name] = _summary(losses)
+        return torch.stack(trained), names, {"losses": record}
+    assert router is not None, "joint training needs a selection model"
+    from server.selection import CachedSelector
+
+    def route(prompts: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        scores = CachedSelector(router, prompts).scores(ids.tolist())
+        return capacity_route(scores, spec.capacity)
+
+    data = torch.cat([train[s] for s in names])
+    joint = spec.model_copy(update={"steps": spec.steps * len(names)})
+    prompts, losses = train_prompts(models, inits, data, joint, Checkpoint(work_dir / "joint"), route, desc="joint")
+    return prompts, [f"p{k}" for k in range(len(names))], {"losses": {"joint": _summary(losses)}}
+
+
+def _summary(losses: list[float]) -> dict[str, float]:
+    """First and last loss (means of 10 steps), enough to see that training did something."""
+    head, tail = losses[:10], losses[-10:]
+    return {"first": round(sum(head) / len(head), 4), "last": round(sum(tail) / len(tail), 4), "steps": len(losses)}
+
+
+def measure_bank(models: Models, prompts: torch.Tensor, names: list[str], heldout: dict[str, torch.Tensor],
+                 selector_model: PreTrainedModel, single: torch.Tensor | None = None) -> dict[str, float]:
+    """Held-out perplexity per source: no prompt, the single prompt, each bank prompt, and IDP's choice.
+
+    Perplexity (the `lm` loss) whatever the training objective, so banks trained either way compare.
+    """
+    from server.selection import CachedSelector
+
+    selector = CachedSelector(selector_model, prompts)
+    out: dict[str, float] = {}
+    for source, blocks in heldout.items():
+        def ppl(prompt: torch.Tensor | None, b: torch.Tensor = blocks) -> float:
+            return round(math.exp(mean_loss(models, prompt, b, "lm")), 3)
+
+        out[f"ppl/{source}/none"] = ppl(None)
+        if single is not None:
+            out[f"ppl/{source}/single"] = ppl(single)
+        for k, name in enumerate(names):
+            out[f"ppl/{source}/{name}"] = ppl(prompts[k])
+        chosen = [s.index for s in selector.select(blocks.tolist())]
+        losses = [mean_loss(models, prompts[c], blocks[i:i + 1], "lm") for i, c in enumerate(chosen)]
+        out[f"ppl/{source}/idp"] = round(math.exp(sum(losses) / len(losses)), 3)
+        for k, name in enumerate(names):
+            out[f"share/{source}/{name}"] = round(chosen.count(k) / len(chosen), 3)
+    return out
+
+
+def build_and_save(student_dir: Path, teacher_dir: Path | None, plan: BankPlan, spec: TrainSpec, bank_name: str,
+                   banks_dir: Path, data_dir: Path, work_dir: Path, command: str,
+                   single_bank: Path | None = None) -> Path:
+    """Train a bank for the model in `student_dir`, measure it, save it under `banks_dir`; return its folder."""
+    from transformers import AutoTokenizer
+
+    from server.banks import bank_dir, load_bank, make_bank, save_bank
+    from server.evaluate import load_model
+    from server.models import fingerprint
+    from server.selection import load_selection_model
+
+    torch.manual_seed(spec.seed)
+    if spec.objective == "kd" and teacher_dir is None:
+        raise ValueError("objective kd needs --teacher (the uncompressed model)")
+    target = bank_dir(banks_dir, bank_name)
+    model_print = fingerprint(student_dir)
+    models = Models(freeze(load_model(student_dir)), freeze(load_model(teacher_dir)) if teacher_dir else None)
+    router = load_selection_model(student_dir)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    train = source_blocks(tokenizer, plan.sources, data_dir, spec.seq_len, heldout=False)
+    heldout = source_blocks(tokenizer, plan.sources, data_dir, spec.seq_len, heldout=True, limit=plan.heldout_blocks)
+    prompts, names, record = train_bank(models, plan, spec, train, work_dir / bank_name, router)
+    single = load_bank(single_bank, expect=model_print).embeddings[0] if single_bank else None
+    measured = measure_bank(models, prompts, names, heldout, router, single)
+    trained = {
+        "mode": plan.mode, "sources": list(plan.sources), "spec": spec.model_dump(),
+        "teacher": teacher_dir.name if teacher_dir else None, "train_blocks": {k: len(v) for k, v in train.items()},
+        "command": command, **record,
+    }
+    save_bank(make_bank(bank_name, prompts, names, model_print, trained, measured), target)
+    return target

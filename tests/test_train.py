@@ -1,0 +1,77 @@
+"""Prompt training: it repairs the compressed model on held-out text, is reproducible, and resumes exactly."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from server.banks import load_bank
+from server.cli import main
+from server.config import Settings
+from server.evaluate import load_model
+from server.models import fingerprint
+from server.train import (
+    BankPlan, Checkpoint, Models, TrainSpec, capacity_route, freeze, mean_loss, source_blocks, train_prompts,
+)
+
+
+def _tiny_setup(tiny_llama: Path, settings: Settings) -> tuple[Models, torch.Tensor]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    blocks = source_blocks(tokenizer, ("news",), settings.data_dir, seq_len=16, heldout=False, limit=32)["news"]
+    return Models(freeze(load_model(tiny_llama))), blocks
+
+
+def test_training_is_seeded_and_resumes_exactly(tiny_llama: Path, settings: Settings, tmp_path: Path) -> None:
+    models, blocks = _tiny_setup(tiny_llama, settings)
+    init = models.student.get_input_embeddings().weight[:4].detach().clone()[None]
+    spec = TrainSpec(objective="lm", num_virtual_tokens=4, steps=6, batch_size=2, seq_len=16, checkpoint_every=3)
+    straight, _ = train_prompts(models, init, blocks, spec, Checkpoint(tmp_path / "a"))
+    again, _ = train_prompts(models, init, blocks, spec, Checkpoint(tmp_path / "b"))
+    assert torch.equal(straight, again)
+    train_prompts(models, init, blocks, spec.model_copy(update={"steps": 3}), Checkpoint(tmp_path / "c"))
+    resumed, _ = train_prompts(models, init, blocks, spec, Checkpoint(tmp_path / "c"))
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=1e-6)
+
+
+def test_capacity_route_sends_each_example_to_its_best_prompt_until_full() -> None:
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]])
+    assert capacity_route(scores, capacity=2.0).tolist() == [0, 0, 0, 1]
+    # with capacity 1.0 a prompt takes at most 2 of 4: the weakest preference for prompt 0 moves to prompt 1
+    assert capacity_route(scores, capacity=1.0).tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.slow
+def test_a_trained_prompt_lowers_the_compressed_models_heldout_perplexity(
+    served_model: Path, settings: Settings, tmp_path: Path
+) -> None:
+    """A real, small run on the real compressed model: 12 LM steps of one 8-token prompt on news text."""
+    main([
+        "train", "--mode", "single", "--model", str(served_model), "--objective", "lm", "--bank", "probe",
+        "--banks-dir", str(tmp_path / "banks"), "--sources", "news", "-m", "8", "--steps", "12", "--lr", "1e-2",
+        "--seq-len", "32", "--batch-size", "2", "--home", str(tmp_path / "home"),
+        "--data-dir", str(settings.data_dir),
+    ])
+    bank = load_bank(tmp_path / "banks" / "probe", expect=fingerprint(served_model))
+    losses = bank.manifest.trained["losses"]["general"]
+    assert losses["last"] < losses["first"]
+    models = Models(freeze(load_model(served_model)))
+    tokenizer = AutoTokenizer.from_pretrained(served_model)
+    heldout = source_blocks(tokenizer, ("news",), settings.data_dir, seq_len=64, heldout=True, limit=8)["news"]
+    without = math.exp(mean_loss(models, None, heldout, "lm"))
+    with_prompt = math.exp(mean_loss(models, bank.embeddings[0], heldout, "lm"))
+    assert with_prompt < without
+    assert bank.manifest.measured["ppl/news/general"] < bank.manifest.measured["ppl/news/none"]
+
+
+def test_unknown_source_is_refused_by_name(tiny_llama: Path, settings: Settings) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    with pytest.raises(ValueError, match="poetry"):
+        source_blocks(tokenizer, ("poetry",), settings.data_dir, seq_len=16, heldout=False)
+
+
+def test_bank_plan_defaults_to_the_four_domains() -> None:
+    assert BankPlan(mode="curated").sources == ("news", "howto", "units", "knowledge")
