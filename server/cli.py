@@ -10,9 +10,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from server.compress import DEFAULT_SPEC, served_name
 from server.config import Settings
+from server.models import DEFAULT_BASE
 
-DEFAULT_SERVED = "smollm2-135m-instruct-gptq-w3g64-dense"
+DEFAULT_SERVED = served_name(DEFAULT_BASE, DEFAULT_SPEC)
+
 Handler = Callable[[argparse.Namespace, Settings], None]
 
 
@@ -118,10 +121,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seq-len", dest="seq_len", type=int, default=64)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(handler=_train)
+    sub.add_parser("serve", help="serve the OpenAI-compatible API (see `idp-serve serve --help`)")
     return parser
 
 
+def serve(argv: list[str]) -> None:
+    """`idp-serve serve [flags] [-- vLLM engine flags]`: flags and IDP_* env come from ServeSettings itself."""
+    from server.serve_settings import ServeSettings
+
+    ours, engine_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    settings = ServeSettings(_cli_parse_args=ours, _cli_kebab_case=True, _cli_prog_name="idp-serve serve")
+    if engine_flags:
+        from server.engine import engine_options_from_cli
+
+        settings.engine_options |= engine_options_from_cli(engine_flags)
+    from server.app import run
+
+    run(settings)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        try:
+            return serve(argv[1:])
+        except ValueError as exc:
+            sys.exit(f"idp-serve serve: error: {exc}")
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     import torch

@@ -175,3 +175,8 @@ def _write_dense_twin(compressed: Path, twin: Path) -> None:
 
 DEFAULT_SPEC = CompressionSpec(method="gptq", bits=3, group_size=64)
 """The embedded default variant (chosen by measurement; see README, 'Compressed variants')."""
+
+
+def served_name(base: str, spec: CompressionSpec) -> str:
+    """Folder name of the variant vLLM's CPU build serves: the dense twin where one is needed."""
+    return f"{base}-{spec.slug}" + ("-dense" if spec.needs_dense_twin else "")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from server.compress import DEFAULT_SPEC
+from server.compress import DEFAULT_SPEC, served_name
 from server.config import Settings
 from server.models import DEFAULT_BASE
 
@@ -33,8 +33,7 @@ def base_model(settings: Settings) -> Path:
 @pytest.fixture(scope="session")
 def served_model(settings: Settings) -> Path:
     """The embedded default compressed variant, in the form vLLM's CPU build serves."""
-    name = f"{DEFAULT_BASE}-{DEFAULT_SPEC.slug}" + ("-dense" if DEFAULT_SPEC.needs_dense_twin else "")
-    return _prepared(settings.models_dir / name)
+    return _prepared(settings.models_dir / served_name(DEFAULT_BASE, DEFAULT_SPEC))
 
 
 @pytest.fixture(scope="session")

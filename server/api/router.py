@@ -1,0 +1,83 @@
+"""FastAPI routes only: parse the body, call `IdpServing`, wrap what it returns. No serving logic here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server import __version__, metrics
+from server.api.errors import ErrorResponse, unavailable
+from server.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
+from server.api.serving import IdpServing, Served
+from server.engine import VLLM_VERSION
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503)}
+IDP_HEADERS = {
+    "x-idp-mode": {"description": "IDP mode per input, comma-separated in input order.", "schema": {"type": "string"}},
+    "x-idp-bank": {"description": "Bank per input ('-' for none).", "schema": {"type": "string"}},
+    "x-idp-prompt": {"description": "Chosen soft prompt per input ('-' for none).", "schema": {"type": "string"}},
+    "x-idp-selection-ms": {"description": "Selection pass time per input ('-' unless dynamic).",
+                           "schema": {"type": "string"}},
+}
+GENERATE_RESPONSES = {**ERRORS, 200: {"headers": IDP_HEADERS}}
+
+router = APIRouter()
+
+
+def _serving(request: Request) -> IdpServing:
+    """The app's `IdpServing`, created in the lifespan (see server.app)."""
+    return request.app.state.serving
+
+
+Serving = Annotated[IdpServing, Depends(_serving)]
+
+
+def _respond(served: Served) -> Response:
+    if isinstance(served.body, ChatCompletionResponse | CompletionResponse):
+        return JSONResponse(served.body.model_dump(mode="json"), headers=served.headers)
+    return StreamingResponse(served.body, media_type="text/event-stream", headers=served.headers)
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=GENERATE_RESPONSES)
+async def create_completion(body: CompletionRequest, service: Serving) -> Response:
+    """OpenAI completions, with `idp` to steer prompt selection; `stream=true` answers with server-sent events."""
+    return _respond(await service.completion(body))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=GENERATE_RESPONSES)
+async def create_chat_completion(body: ChatCompletionRequest, service: Serving) -> Response:
+    """OpenAI chat completions; the prompt is selected on the chat-templated input."""
+    return _respond(await service.chat(body))
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(service: Serving) -> ModelList:
+    """The served model, with its prompt banks and their prompts under `idp`."""
+    return service.models()
+
+
+@router.get("/health", responses={503: {"model": ErrorResponse}})
+async def health(service: Serving) -> Response:
+    """200 while the engine serves, 503 once it has died."""
+    if not await service.healthy():
+        raise unavailable("the engine is not serving")
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__, "vllm_version": VLLM_VERSION}
+
+
+@router.get("/metrics")
+async def prometheus_metrics() -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,51 @@
+"""Settings of `idp-serve serve`: the shared `Settings` plus what the server needs (model, banks, engine, HTTP).
+
+Same sources and precedence as `Settings` (flags > `IDP_*` environment > defaults); e.g. `IDP_MODEL`,
+`IDP_BANKS_DIR`, `IDP_DTYPE`, `IDP_ENGINE_OPTIONS='{"max_num_seqs": 8}'`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from server.compress import DEFAULT_SPEC, served_name
+from server.config import Settings
+from server.models import DEFAULT_BASE
+
+REPO_BANKS = Path(__file__).resolve().parents[1] / "prompt_banks"
+
+
+class ServeSettings(Settings):
+    """What the server serves and how; read once at start-up, then handed to `server.app.create_app`."""
+
+    model: str = Field(served_name(DEFAULT_BASE, DEFAULT_SPEC), description="Model folder, or a model name under models_dir.")
+    served_model_name: str | None = Field(
+        None, description="The name clients send as `model` (default: the model folder's name)."
+    )
+    banks_dir: Path = Field(REPO_BANKS, description="Folder of prompt banks (default: the project's prompt_banks/).")
+    default_bank: str | None = Field(
+        None, description="Bank used when a request names none (default: the first bank by name, if any)."
+    )
+    selection_layers: list[int] | None = Field(
+        None, description="Decoder layers whose attention scores prompts (default: all, the paper's choice)."
+    )
+    selection_batch_size: int = Field(16, ge=1, description="Most inputs scored in one selection pass.")
+    selection_wait_ms: float = Field(
+        2.0, ge=0, description="How long a selection pass waits for more requests to join its batch."
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="vLLM compute dtype (default: the model card's serve_dtype, else float32, the safe "
+        "choice on AVX2 CPUs without bf16 units; vLLM's CPU 4-bit kernels need bfloat16)."
+    )
+    max_model_len: int | None = Field(None, ge=1, description="Context length (default: the model's).")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size in GiB given to vLLM.")
+    enforce_eager: bool = Field(True, description="Skip torch.compile / CUDA graphs (faster start, slower decode).")
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs fields), passed through."
+    )
+    log_level: str = Field("info", description="uvicorn log level.")
