@@ -226,7 +226,7 @@ def test_gpu_node_example(chart):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert "initContainers" not in pod
     (server,) = pod["containers"]
-    assert server["args"] == ["--max-num-seqs", "128"]
+    assert server["args"] == ["--", "--max-num-seqs", "128"], "vLLM flags go after --"
     env = env_of(server)
     assert env["IDP_MODEL"] == "smollm2-135m-instruct-gptq-w3g64" and env["IDP_DTYPE"] == "bfloat16"
     assert env["IDP_BANKS_DIR"] == "/models/prompt_banks"
