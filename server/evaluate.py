@@ -63,3 +63,36 @@ def record_perplexity(folder: Path, data_dir: Path) -> float:
             c.measured["heldout_ppl"] = round(ppl, 3)
             write_card(path, c)
     return ppl
+
+
+@torch.no_grad()
+def choice_logprobs(model: PreTrainedModel, tokenizer, example, prompt: torch.Tensor | None = None) -> list[float]:
+    """Sum of log-probabilities of each choice's tokens after the context (behind an optional soft prompt).
+
+    All choices of an item go through the model as one right-padded batch; the context is tokenized once and
+    each choice's tokens appended, so every choice is scored against the same context tokens.
+    """
+    context = tokenizer(example.context)["input_ids"]
+    rows = [context + tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in example.choices]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    embeds = model.get_input_embeddings()(ids)
+    m = 0 if prompt is None else prompt.shape[0]
+    if prompt is not None:
+        embeds = torch.cat([prompt.expand(len(rows), -1, -1), embeds], dim=1)
+    logprobs = model(inputs_embeds=embeds).logits[:, m:-1].log_softmax(-1)
+    scores = []
+    for i, row in enumerate(rows):
+        targets = torch.tensor(row[len(context):])
+        positions = torch.arange(len(context) - 1, len(row) - 1)
+        scores.append(logprobs[i, positions, targets].sum().item())
+    return scores
+
+
+def mc_accuracy(model: PreTrainedModel, tokenizer, examples, prompt: torch.Tensor | None = None) -> float:
+    """Multiple-choice accuracy by log-likelihood (the highest-scoring choice must be the right one)."""
+    right = 0
+    for example in examples:
+        scores = choice_logprobs(model, tokenizer, example, prompt)
+        right += int(max(range(len(scores)), key=scores.__getitem__) == example.answer)
+    return right / len(examples)

@@ -10,6 +10,7 @@ Runs are seeded and deterministic, write resumable checkpoints (safetensors), an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -283,7 +284,11 @@ def measure_bank(models: Models, prompts: torch.Tensor, names: list[str], heldou
 def build_and_save(student_dir: Path, teacher_dir: Path | None, plan: BankPlan, spec: TrainSpec, bank_name: str,
                    banks_dir: Path, data_dir: Path, work_dir: Path, command: str,
                    single_bank: Path | None = None) -> Path:
-    """Train a bank for the model in `student_dir`, measure it, save it under `banks_dir`; return its folder."""
+    """Train a bank for the model in `student_dir`, measure it, save it under `banks_dir`; return its folder.
+
+    Checkpoints go to a folder named by a hash of the model, plan and spec: rerunning the same command resumes,
+    while any change of hyper-parameters starts afresh instead of resuming someone else's run.
+    """
     from transformers import AutoTokenizer
 
     from server.banks import bank_dir, load_bank, make_bank, save_bank
@@ -301,7 +306,8 @@ def build_and_save(student_dir: Path, teacher_dir: Path | None, plan: BankPlan, 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     train = source_blocks(tokenizer, plan.sources, data_dir, spec.seq_len, heldout=False)
     heldout = source_blocks(tokenizer, plan.sources, data_dir, spec.seq_len, heldout=True, limit=plan.heldout_blocks)
-    prompts, names, record = train_bank(models, plan, spec, train, work_dir / bank_name, router)
+    run_id = hashlib.sha256(f"{student_dir.name}{plan.model_dump_json()}{spec.model_dump_json()}".encode()).hexdigest()
+    prompts, names, record = train_bank(models, plan, spec, train, work_dir / f"{bank_name}-{run_id[:12]}", router)
     single = load_bank(single_bank, expect=model_print).embeddings[0] if single_bank else None
     measured = measure_bank(models, prompts, names, heldout, router, single)
     trained = {
