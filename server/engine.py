@@ -92,6 +92,7 @@ class DecodeParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     stream: bool = False
@@ -266,6 +267,7 @@ def _sampling_params(params: DecodeParams) -> SamplingParams:
         seed=params.seed,
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
+        ignore_eos=params.ignore_eos,
         logprobs=params.logprobs,
         prompt_logprobs=params.prompt_logprobs,
         output_kind=RequestOutputKind.DELTA if params.stream else RequestOutputKind.FINAL_ONLY,

@@ -74,6 +74,7 @@ class _SamplingRequest(BaseModel):
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence tokens.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

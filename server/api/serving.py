@@ -415,6 +415,7 @@ def _sampling_fields(request: CompletionRequest | ChatCompletionRequest, max_tok
         seed=request.seed,
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
+        ignore_eos=request.ignore_eos,
     )
 
 
