@@ -1,0 +1,163 @@
+"""IDP server vs the stock vLLM server on the same compressed model, in one run.
+
+The stock server (`python -m vllm.entrypoints.openai.api_server --enable-prompt-embeds`) gets one static soft
+prompt in front of every input as `prompt_embeds` (the best a plain vLLM deployment can do with a prompt bank);
+idp-serve selects a prompt per request from the bank (mode dynamic) and decodes it the same way. Same model,
+dtype, KV cache, eager mode; the servers run one after the other, never at once, so they never share the CPU.
+
+Workload: 128-token prompts cut from held-out news text, 64 output tokens (ignore_eos), greedy, at concurrency
+1, 8 and 32. Printed: output throughput and p50/p95 request latency of each server, and the ratios IDP / stock.
+
+    python bench/serve.py [--concurrency 1 8 32] [--requests-per-level 2x] [--bank default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+from transformers import AutoTokenizer
+
+from server.banks import load_bank
+from server.config import Settings
+from server.corpus import lee_heldout, token_blocks
+from server.models import embedding_weight, resolve
+from server.serve_settings import ServeSettings
+
+PROMPT_TOKENS, OUTPUT_TOKENS = 128, 64
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running(cmd: list[str], port: int, log: Path):
+    """Start a server process, wait for /health, stop it afterwards."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.time() + 900
+            while time.time() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}; see {log}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(2)
+            else:
+                raise RuntimeError(f"{cmd[:4]} did not become healthy; see {log}")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float], int]:
+    """Send `bodies` with at most `concurrency` in flight; return wall time, latencies, output tokens."""
+    semaphore = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    tokens = 0
+    async with httpx.AsyncClient(timeout=1800) as client:
+
+        async def one(body: dict) -> None:
+            nonlocal tokens
+            async with semaphore:
+                start = time.perf_counter()
+                response = await client.post(f"{url}/v1/completions", json=body)
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+                tokens += response.json()["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(b) for b in bodies))
+        return time.perf_counter() - start, latencies, tokens
+
+
+def embeds_b64(tensor: torch.Tensor) -> str:
+    """vLLM's wire format for prompt_embeds: base64 of a torch.save'd tensor (we only write it)."""
+    buffer = io.BytesIO()
+    torch.save(tensor.contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)")
+    parser.add_argument("--bank", default="default")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    serve = ServeSettings()
+    folder = resolve(serve.model, serve.models_dir)
+    bank = load_bank(serve.banks_dir / args.bank)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    blocks = token_blocks(tokenizer, lee_heldout(Settings().data_dir), PROMPT_TOKENS)
+    table = embedding_weight(folder)
+    static = bank.embeddings[0]
+    common = {"max_tokens": OUTPUT_TOKENS, "temperature": 0, "ignore_eos": True}
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    engine_flags = ["--dtype", args.dtype, "--max-model-len", "512", "--enforce-eager"]
+    results: dict[str, dict[int, tuple[float, float, float]]] = {}
+
+    def workload(c: int, make) -> list[dict]:
+        n = max(4, args.requests_per_level * c)
+        return [make(blocks[i % len(blocks)]) for i in range(n)]
+
+    stock_port, idp_port = free_port(), free_port()
+    stock_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                 "--port", str(stock_port), "--enable-prompt-embeds", "--kv-cache-memory-bytes", str(2**30),
+                 *engine_flags]
+    idp_cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--port", str(idp_port),
+               "--dtype", args.dtype, "--max-model-len", "512", "--default-bank", args.bank]
+    runs = {
+        "stock vLLM (static prompt)": (stock_cmd, stock_port, lambda ids: {
+            "model": str(folder), "prompt_embeds": embeds_b64(torch.cat([static, table[ids]])), **common}),
+        "idp-serve (dynamic)": (idp_cmd, idp_port, lambda ids: {
+            "model": folder.name, "prompt": ids.tolist(), "idp": {"bank": args.bank, "mode": "dynamic"}, **common}),
+    }
+    for label, (cmd, port, make) in runs.items():
+        print(f"starting {label} ...", file=sys.stderr)
+        with running(cmd, port, logs / f"bench-serve-{port}.log") as url:
+            asyncio.run(load(url, workload(1, make)[:2], 1))  # warm-up
+            results[label] = {}
+            for c in args.concurrency:
+                wall, latencies, tokens = asyncio.run(load(url, workload(c, make), c))
+                results[label][c] = (tokens / wall, percentile(latencies, 50), percentile(latencies, 95))
+                print(f"  {label} c={c}: {tokens / wall:.1f} tok/s", file=sys.stderr)
+
+    stock, ours = results.values()
+    print(f"\nmodel {folder.name}, bank {args.bank} (K={bank.k}, m={bank.m}), dtype {args.dtype}, "
+          f"{PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens\n")
+    print("| concurrency | stock tok/s | IDP tok/s | throughput ratio | stock p50 s | IDP p50 s | p50 ratio "
+          "| stock p95 s | IDP p95 s | p95 ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in args.concurrency:
+        (st, s50, s95), (it, i50, i95) = stock[c], ours[c]
+        print(f"| {c} | {st:.1f} | {it:.1f} | {it / st:.2f}x | {s50:.2f} | {i50:.2f} | {i50 / s50:.2f}x "
+              f"| {s95:.2f} | {i95:.2f} | {i95 / s95:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
