@@ -7,6 +7,7 @@ serve:  ## fresh machine -> server on the embedded default model and bank (http:
 	@venv="$(VENV)" && "$$venv/bin/idp-serve" prepare && exec "$$venv/bin/idp-serve" serve
 
 test:   ## fresh machine -> the whole test suite (CI runs exactly this)
+	@scripts/install-test-tools.sh
 	@venv="$(VENV)" && "$$venv/bin/idp-serve" prepare && "$$venv/bin/python" -m pytest -q
 
 prepare:
