@@ -145,6 +145,12 @@ class PromptBank:
     def hidden_size(self) -> int:
         return self.manifest.hidden_size
 
+    @property
+    def selection_layers(self) -> list[int] | None:
+        """Layers the bank was calibrated to select with (`idp-serve train --mode curated`), None for all."""
+        layers = self.manifest.trained.get("selection_layers")
+        return [int(layer) for layer in layers] if layers else None
+
     def index(self, prompt_name: str) -> int:
         """Row of `prompt_name`; the KeyError lists the known names so a bad request is easy to fix."""
         try:

@@ -18,6 +18,7 @@ in-flight request with it), so `Engine` checks every prefix and token id before 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -240,6 +241,12 @@ class Engine:
             "prompt_token_ids": [PLACEHOLDER_TOKEN_ID] * m + token_ids,
             "prompt_is_token_ids": [False] * m + [True] * len(token_ids),
         }
+
+    async def wait_dead(self, poll_s: float = 0.2) -> None:
+        """Return once the engine core has died. vLLM notices a dead core process at once (it watches the process
+        sentinel) and fails every in-flight request; polling its flag is all that is left to do here."""
+        while not self.errored:
+            await asyncio.sleep(poll_s)
 
     async def is_healthy(self) -> bool:
         """False once the engine core has died or stops answering its health probe."""

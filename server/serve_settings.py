@@ -1,7 +1,12 @@
 """Settings of `idp-serve serve`: the shared `Settings` plus what the server needs (model, banks, engine, HTTP).
 
 Same sources and precedence as `Settings` (flags > `IDP_*` environment > defaults); e.g. `IDP_MODEL`,
-`IDP_BANKS_DIR`, `IDP_DTYPE`, `IDP_ENGINE_OPTIONS='{"max_num_seqs": 8}'`.
+`IDP_BANKS_DIR`, `IDP_DTYPE`, `IDP_ENGINE_OPTIONS='{"max_num_seqs": 8}'`, `IDP_API_KEY`,
+`IDP_CORS_ORIGINS='["https://app.example"]'`, `IDP_MAX_PROMPTS=64`.
+
+The request limits exist because each of them bounds work one request can make the server do before anything
+else checks it (parsing the body, tokenizing every input, one selection pass per input, n decodes per input);
+the defaults are generous for real clients (lm-evaluation-harness batches, chat UIs) and small next to memory.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from server.compress import DEFAULT_SPEC, served_name
 from server.config import Settings
@@ -30,7 +35,8 @@ class ServeSettings(Settings):
         None, description="Bank used when a request names none (default: the first bank by name, if any)."
     )
     selection_layers: list[int] | None = Field(
-        None, description="Decoder layers whose attention scores prompts (default: all, the paper's choice)."
+        None, description="Decoder layers whose attention scores prompts, for every bank (default: each bank's "
+        "calibrated `selection_layers` from its manifest, else all layers, the paper's choice)."
     )
     selection_batch_size: int = Field(16, ge=1, description="Most inputs scored in one selection pass.")
     selection_wait_ms: float = Field(
@@ -49,3 +55,24 @@ class ServeSettings(Settings):
         default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs fields), passed through."
     )
     log_level: str = Field("info", description="uvicorn log level.")
+
+    api_key: SecretStr | None = Field(
+        None, description="Require `Authorization: Bearer <key>` on every path but `open_paths` (default: no key). "
+        "A SecretStr, so settings' repr and logs never show it."
+    )
+    open_paths: list[str] = Field(
+        ["/health", "/metrics"], description="Paths served without the API key (probes and Prometheus scrapes)."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Browser origins allowed by CORS (default: none, CORS off; '*': any)."
+    )
+    max_body_bytes: int = Field(8 * 2**20, ge=1, description="Largest request body accepted (413 above).")
+    max_prompts: int = Field(256, ge=1, description="Most inputs in one completions request (a list prompt).")
+    max_n: int = Field(16, ge=1, description="Largest `n` (choices per input) accepted.")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Largest max_tokens accepted (default: whatever the context leaves)."
+    )
+    engine_death_exit_s: float = Field(
+        5.0, ge=0, description="After the engine dies, how long /health answers 503 (and in-flight requests get "
+        "their error) before the server exits with status 3 for its supervisor to restart it."
+    )

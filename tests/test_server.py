@@ -151,7 +151,7 @@ def test_models_health_version_metrics(srv_live: LiveServer, tiny_llama: Path) -
     assert "vllm_version" in httpx.get(f"{srv_live.url}/version").json()
     srv_live.client().completions.create(model=card.id, prompt="Hi", max_tokens=2)
     text = httpx.get(f"{srv_live.url}/metrics").text
-    assert "idp_selection_seconds_count" in text and 'idp_requests_total{endpoint="completions"' in text
+    assert "idp_selection_duration_seconds_count" in text and 'idp_requests_total{endpoint="completions"' in text
     assert "vllm:num_requests_running" in text, "vLLM's own metrics share the registry"
     assert "idp" in httpx.get(f"{srv_live.url}/openapi.json").json()["components"]["schemas"]["CompletionRequest"][
         "properties"

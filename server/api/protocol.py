@@ -3,6 +3,10 @@
 Only shapes and value ranges live here; what the values mean is `serving.py`'s business. Unknown request fields
 are refused (400 naming the field) rather than ignored, so a misspelt option never silently changes an answer.
 OpenAI fields we do not implement are declared and refused unless left at their neutral value, for the same reason.
+
+Integers that travel to the engine are bounded here (seed, top_k, token ids): Python ints are unbounded, vLLM's
+are not, and a value that fails deep inside the engine would be a 500 instead of the caller's 400. Limits an
+operator may tune (`n`, the number of prompts, max_tokens) are ServeSettings, enforced by serving.py.
 """
 
 from __future__ import annotations
@@ -18,11 +22,30 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 IdpMode = Literal["dynamic", "forced", "none"]
 FinishReason = Literal["stop", "length"]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+INT32_MAX = 2**31 - 1
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1)]
+
+
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Path of the first string in `value` that is not valid Unicode (JSON's "\\ud800" escapes decode to lone
+    surrogates, which no tokenizer or JSON encoder accepts), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 class IdpRequest(BaseModel):
@@ -66,12 +89,14 @@ class _SamplingRequest(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="vLLM extension: sample from the k most likely tokens (0/-1: all).")
-    n: int = Field(1, ge=1, le=16)
+    top_k: int = Field(
+        0, ge=-1, le=INT32_MAX, description="vLLM extension: sample from the k most likely tokens (0/-1: all)."
+    )
+    n: int = Field(1, ge=1, description="Choices per input, up to the server's max_n (IDP_MAX_N, default 16).")
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(
         None, description="Up to 4 sequences where generation stops."
     )
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence tokens.")
@@ -80,6 +105,14 @@ class _SamplingRequest(BaseModel):
     user: str | None = None
     logit_bias: dict[str, float] | None = Field(None, description="Not supported; only null or {} is accepted.")
     idp: IdpRequest | None = Field(None, description="IDP control (extension); see IdpRequest.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = _lone_surrogate(data)
+        if path is not None:
+            raise ValueError(f"{path}: strings must be valid Unicode (found a lone surrogate)")
+        return data
 
     @field_validator("logit_bias")
     @classmethod

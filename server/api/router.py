@@ -14,12 +14,13 @@ from server.api.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ModelIdp,
     ModelList,
 )
 from server.api.serving import IdpServing, Served
 from server.engine import VLLM_VERSION
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
 IDP_HEADERS = {
     "x-idp-mode": {"description": "IDP mode per input, comma-separated in input order.", "schema": {"type": "string"}},
     "x-idp-bank": {"description": "Bank per input ('-' for none).", "schema": {"type": "string"}},
@@ -70,6 +71,15 @@ async def health(service: Serving) -> Response:
     if not await service.healthy():
         raise unavailable("the engine is not serving")
     return Response(status_code=200)
+
+
+@router.post("/admin/banks/reload", response_model=ModelIdp, responses={
+    **ERRORS, 409: {"model": ErrorResponse, "description": "A bank failed to load; the previous banks keep serving."}
+})
+async def reload_banks(service: Serving) -> ModelIdp:
+    """Load the banks directory again and swap the whole set in atomically (requests see old or new, never a
+    mix); behind the API key when one is set."""
+    return await service.reload_banks()
 
 
 @router.get("/version")

@@ -5,6 +5,9 @@ would stall every stream the event loop serves; run per request it would pay the
 So requests queue here, a single worker takes whatever arrived within `wait_s` (at most `max_batch` inputs),
 and runs one pass per bank in a single worker thread (torch work serialized: two passes on two cores only
 fight over them). A pass that fails is retried input by input, so one bad input never fails its neighbours.
+
+Callers hand in the selector itself, not a bank name: a bank reload swaps the serving's whole bank set, and an
+input queued before the swap must still be scored by the selector of the bank its request planned with.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,7 +32,7 @@ class Selector(Protocol):
 
 @dataclass
 class _Pending:
-    bank: str
+    selector: Selector
     token_ids: list[int]
     future: asyncio.Future[Selection] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -37,8 +40,7 @@ class _Pending:
 class SelectionQueue:
     """Select prompts for many inputs, batched across callers; `start` and `stop` belong to the app lifespan."""
 
-    def __init__(self, selectors: Mapping[str, Selector], max_batch: int, wait_s: float) -> None:
-        self._selectors = dict(selectors)
+    def __init__(self, max_batch: int, wait_s: float) -> None:
         self._max_batch = max_batch
         self._wait_s = wait_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -54,11 +56,9 @@ class SelectionQueue:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def select(self, bank: str, inputs: Sequence[Sequence[int]]) -> list[Selection]:
-        """One `Selection` per input, in order; ValueError if an input cannot be scored."""
-        if bank not in self._selectors:
-            raise KeyError(bank)
-        pending = [_Pending(bank, list(ids)) for ids in inputs]
+    async def select(self, selector: Selector, inputs: Sequence[Sequence[int]]) -> list[Selection]:
+        """One `Selection` per input, in order, by `selector`; ValueError if an input cannot be scored."""
+        pending = [_Pending(selector, list(ids)) for ids in inputs]
         for item in pending:
             self._queue.put_nowait(item)
         return list(await asyncio.gather(*(item.future for item in pending)))
@@ -66,8 +66,8 @@ class SelectionQueue:
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
-            for bank in dict.fromkeys(item.bank for item in batch):
-                await self._select_bank([item for item in batch if item.bank == bank])
+            for selector in {id(item.selector): item.selector for item in batch}.values():
+                await self._select_bank([item for item in batch if item.selector is selector])
 
     async def _collect(self) -> list[_Pending]:
         """The first waiting input, plus whatever else arrives within `wait_s`, up to `max_batch`."""
@@ -85,7 +85,7 @@ class SelectionQueue:
     async def _select_bank(self, items: list[_Pending]) -> None:
         if not items:
             return
-        selector = self._selectors[items[0].bank]
+        selector = items[0].selector
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._executor, selector.select, [i.token_ids for i in items])
@@ -96,8 +96,7 @@ class SelectionQueue:
             for item in items:
                 await self._select_bank([item])
             return
-        metrics.SELECTION_SECONDS.observe(results[0].seconds)
-        metrics.SELECTION_BATCH.observe(len(items))
+        metrics.selection_pass(results)
         for item, result in zip(items, results, strict=True):
             _settle(item, result=result)
 

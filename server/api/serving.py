@@ -8,6 +8,11 @@ is reported per choice (`choice.idp`) and in headers (`x-idp-*`, comma-separated
 Echo: prompt logprobs come from the engine itself (see engine.py: mixed-mode prompt embeds), for the caller's
 tokens only; the soft prompt's virtual tokens are never reported, and the first prompt token's logprob is null
 as in OpenAI's API (under IDP it is conditioned on the soft prompt, but clients expect null there).
+
+Bank reload: the banks, their selectors and the default bank form one immutable `BankSet`. A request reads the
+current set once, when it plans, and carries the bank and selector it planned with to the end; a reload builds
+a whole new set off the event loop and swaps the reference in one assignment. So every request sees the old
+set or the new one, never a mix, and a set that fails to load is never swapped in.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -48,7 +54,7 @@ from server.api.protocol import (
     TopLogprob,
     Usage,
 )
-from server.api.selection_queue import SelectionQueue
+from server.api.selection_queue import SelectionQueue, Selector
 from server.banks import PromptBank
 from server.engine import (
     ChoiceDelta,
@@ -80,11 +86,31 @@ class Input:
 
 
 @dataclass(frozen=True)
+class BankSet:
+    """The loaded banks with one selector each and the default bank: swapped whole on reload, never edited."""
+
+    banks: Mapping[str, PromptBank]
+    selectors: Mapping[str, Selector]
+    default: str | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds from ServeSettings (see there for why each exists)."""
+
+    max_prompts: int
+    max_n: int
+    max_tokens: int | None
+
+
+@dataclass(frozen=True)
 class IdpPlan:
-    """How a request's inputs get their prompt: the mode, the bank and, when forced, the prompt's row."""
+    """How a request's inputs get their prompt: the mode, the bank (with its selector) and, when forced, the
+    prompt's row. Holding the bank and selector themselves, not names, is what makes a reload atomic per request."""
 
     mode: IdpMode
     bank: PromptBank | None = None
+    selector: Selector | None = None
     forced: int | None = None
 
 
@@ -104,27 +130,56 @@ class IdpServing:
         engine: Engine,
         model_name: str,
         model_root: str,
-        banks: dict[str, PromptBank],
-        default_bank: str | None,
+        bank_set: BankSet,
         selection: SelectionQueue,
+        limits: Limits,
+        load_banks: Callable[[], BankSet],
     ) -> None:
+        """`load_banks` builds a fresh, verified BankSet from disk (blocking; run off the loop by reload_banks)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.model_root = model_root
-        self.banks = banks
-        self.default_bank = default_bank
+        self.bank_set = bank_set
         self.selection = selection
+        self.limits = limits
+        self._load_banks = load_banks
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def banks(self) -> Mapping[str, PromptBank]:
+        return self.bank_set.banks
+
+    @property
+    def default_bank(self) -> str | None:
+        return self.bank_set.default
+
+    async def reload_banks(self) -> ModelIdp:
+        """Load the banks directory again and swap it in whole; 409 (the old set keeps serving) if any bank fails.
+
+        Reloads are serialized so two concurrent ones cannot finish out of order and leave the older set in place.
+        """
+        async with self._reload_lock:
+            try:
+                fresh = await asyncio.to_thread(self._load_banks)
+            except ValueError as error:  # BankError, or a configured default bank that is gone
+                logger.warning("bank reload refused, the previous banks keep serving: %s", error)
+                raise ApiError(
+                    f"bank reload refused, the previous banks keep serving: {error}", HTTPStatus.CONFLICT,
+                    code="bank_reload_refused",
+                ) from error
+            self.bank_set = fresh
+        logger.info("banks reloaded: %s (default %s)", sorted(fresh.banks), fresh.default)
+        return _bank_cards(fresh)
 
     # ----- models, health -------------------------------------------------------------------------------------
 
     def models(self) -> ModelList:
-        cards = [BankCard(name=b.name, k=b.k, m=b.m, prompts=list(b.prompt_names)) for b in self.banks.values()]
         card = ModelCard(
             id=self.model_name,
             root=self.model_root,
             max_model_len=self.engine.max_model_len,
-            idp=ModelIdp(default_bank=self.default_bank, banks=cards),
+            idp=_bank_cards(self.bank_set),
         )
         return ModelList(data=[card])
 
@@ -135,9 +190,10 @@ class IdpServing:
 
     async def completion(self, request: CompletionRequest) -> Served:
         self._check_model(request.model)
+        self._check_limits(request.n, request.max_tokens, "max_tokens")
         plan = self._plan(request.idp)
         inputs = await self._prepare(self._completion_prompts(request.prompt), plan, request.max_tokens)
-        metrics.REQUESTS.labels("completions", plan.mode).inc()
+        _observe_accepted("completions", plan.mode, inputs)
         params = DecodeParams(
             **_sampling_fields(request, request.max_tokens),
             logprobs=request.logprobs,
@@ -145,18 +201,32 @@ class IdpServing:
             stream=request.stream,
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        outputs = self._generate(request_id, inputs, params)
+        outputs = _count_generated("completions", params, self._generate(request_id, inputs, params))
         if request.stream:
             return Served(_sse(self._completion_stream(request, request_id, inputs, outputs)), _headers(inputs))
         finals = await _collect(outputs, len(inputs))
         return Served(self._completion_response(request, request_id, inputs, finals), _headers(inputs))
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[list[int], str]]:
-        """(token ids, text) per input; strings are tokenized as vLLM does for completions (special tokens on)."""
+        """(token ids, text) per input; strings are tokenized as vLLM does for completions (special tokens on).
+
+        The number of inputs is checked before any is tokenized, and token ids before any is decoded (a tokenizer
+        may raise on an id it does not know, and that is the caller's mistake, not a server fault).
+        """
         if isinstance(prompt, str):
             prompt = [prompt]
         if isinstance(prompt[0], int):
             prompt = [prompt]
+        if len(prompt) > self.limits.max_prompts:
+            raise invalid(
+                f"{len(prompt)} prompts in one request; this server accepts at most {self.limits.max_prompts}",
+                param="prompt", code="too_many_prompts",
+            )
+        for i, ids in enumerate(p for p in prompt if not isinstance(p, str)):
+            bad = next((t for t in ids if t >= self.engine.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"prompt {i}: token id {bad} is out of range [0, {self.engine.vocab_size})",
+                              param="prompt")
         return [
             (self.tokenizer.encode(p), p) if isinstance(p, str) else (list(p), self.tokenizer.decode(p))
             for p in prompt
@@ -260,6 +330,8 @@ class IdpServing:
 
     async def chat(self, request: ChatCompletionRequest) -> Served:
         self._check_model(request.model)
+        requested = request.max_completion_tokens or request.max_tokens
+        self._check_limits(request.n, requested, "max_completion_tokens")
         plan = self._plan(request.idp)
         messages = [{"role": m.role, "content": m.text} for m in request.messages]
         try:
@@ -267,17 +339,16 @@ class IdpServing:
         except Exception as error:  # noqa: BLE001 - a template refusing these messages is the caller's problem
             raise invalid(f"cannot apply the chat template: {error}", param="messages") from error
         token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
-        requested = request.max_completion_tokens or request.max_tokens
         inputs = await self._prepare([(token_ids, rendered)], plan, requested or 1)
-        max_tokens = requested or self._room_left(inputs[0])
-        metrics.REQUESTS.labels("chat", plan.mode).inc()
+        max_tokens = requested or min(self._room_left(inputs[0]), self.limits.max_tokens or self.engine.max_model_len)
+        _observe_accepted("chat", plan.mode, inputs)
         params = DecodeParams(
             **_sampling_fields(request, max_tokens),
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
             stream=request.stream,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = self._generate(request_id, inputs, params)
+        outputs = _count_generated("chat", params, self._generate(request_id, inputs, params))
         if request.stream:
             return Served(_sse(self._chat_stream(request, request_id, inputs[0], outputs)), _headers(inputs))
         (final,) = await _collect(outputs, 1)
@@ -332,14 +403,26 @@ class IdpServing:
         if self.engine.errored:
             raise unavailable("the engine is not serving")
 
+    def _check_limits(self, n: int, max_tokens: int | None, max_tokens_param: str) -> None:
+        """400 for `n` or max_tokens over the server's configured limits (see ServeSettings)."""
+        if n > self.limits.max_n:
+            raise invalid(f"n={n} is over this server's limit of {self.limits.max_n}", param="n")
+        cap = self.limits.max_tokens
+        if cap is not None and max_tokens is not None and max_tokens > cap:
+            raise invalid(
+                f"{max_tokens_param}={max_tokens} is over this server's limit of {cap}", param=max_tokens_param
+            )
+
     def _plan(self, idp: IdpRequest | None) -> IdpPlan:
         """Resolve the request's `idp` field against the loaded banks; 400 naming what is wrong."""
         idp = idp or IdpRequest()
-        bank_name = idp.bank or self.default_bank
+        bank_set = self.bank_set  # read once: the whole request plans with this one set (see the module doc)
+        bank_name = idp.bank or bank_set.default
         mode = idp.mode or ("forced" if idp.prompt else "dynamic" if bank_name else "none")
-        if idp.bank is not None and idp.bank not in self.banks:
+        if idp.bank is not None and idp.bank not in bank_set.banks:
             raise invalid(
-                f"unknown bank '{idp.bank}'; available: {sorted(self.banks)}", param="idp.bank", code="bank_not_found"
+                f"unknown bank '{idp.bank}'; available: {sorted(bank_set.banks)}", param="idp.bank",
+                code="bank_not_found",
             )
         if mode == "none":
             if idp.prompt is not None:
@@ -347,11 +430,11 @@ class IdpServing:
             return IdpPlan("none")
         if bank_name is None:
             raise invalid(f"mode '{mode}' needs a prompt bank and none is loaded", param="idp.bank")
-        bank = self.banks[bank_name]
+        bank = bank_set.banks[bank_name]
         if mode == "dynamic":
             if idp.prompt is not None:
                 raise invalid("idp.prompt forces a prompt: use mode 'forced' (or leave mode out)", param="idp.mode")
-            return IdpPlan("dynamic", bank)
+            return IdpPlan("dynamic", bank, bank_set.selectors[bank_name])
         if idp.prompt is None:
             raise invalid("mode 'forced' needs idp.prompt", param="idp.prompt")
         if idp.prompt not in bank.prompt_names:
@@ -359,7 +442,7 @@ class IdpServing:
                 f"unknown prompt '{idp.prompt}' in bank '{bank.name}'; available: {list(bank.prompt_names)}",
                 param="idp.prompt", code="prompt_not_found",
             )
-        return IdpPlan("forced", bank, bank.index(idp.prompt))
+        return IdpPlan("forced", bank, forced=bank.index(idp.prompt))
 
     async def _prepare(self, prompts: list[tuple[list[int], str]], plan: IdpPlan, max_tokens: int) -> list[Input]:
         """Check every input, then give each its prefix: selected (one batched pass), forced, or none."""
@@ -375,10 +458,9 @@ class IdpServing:
             return [Input(ids, text) for ids, text in prompts]
         if plan.mode == "forced":
             info = IdpInfo(mode="forced", bank=plan.bank.name, prompt=plan.bank.prompt_names[plan.forced])
-            _count_prompt(info)
             return [Input(ids, text, Prefix(plan.bank, plan.forced), info) for ids, text in prompts]
         try:
-            selections = await self.selection.select(plan.bank.name, [ids for ids, _ in prompts])
+            selections = await self.selection.select(plan.selector, [ids for ids, _ in prompts])
         except ValueError as error:
             raise invalid(f"selection refused the input: {error}", param="prompt") from error
         names = plan.bank.prompt_names
@@ -389,7 +471,6 @@ class IdpServing:
                 scores=dict(zip(names, chosen.scores, strict=True)), margin=chosen.margin,
                 selection_ms=chosen.seconds * 1000.0,
             )
-            _count_prompt(info)
             inputs.append(Input(ids, text, Prefix(plan.bank, chosen.index), info))
         return inputs
 
@@ -402,6 +483,11 @@ class IdpServing:
             for i, item in enumerate(inputs)
         ]
         return _translate_errors(_merge(streams))
+
+
+def _bank_cards(bank_set: BankSet) -> ModelIdp:
+    cards = [BankCard(name=b.name, k=b.k, m=b.m, prompts=list(b.prompt_names)) for b in bank_set.banks.values()]
+    return ModelIdp(default_bank=bank_set.default, banks=cards)
 
 
 def _sampling_fields(request: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:
@@ -419,8 +505,24 @@ def _sampling_fields(request: CompletionRequest | ChatCompletionRequest, max_tok
     )
 
 
-def _count_prompt(info: IdpInfo) -> None:
-    metrics.PROMPT_CHOSEN.labels(info.bank, info.prompt, info.mode).inc()
+def _observe_accepted(endpoint: str, mode: IdpMode, inputs: list[Input]) -> None:
+    """Count a request that will be decoded: its prompt tokens and, per input, the prompt it is decoded with
+    (names from a loaded bank, never from the request) and, when selected, the selection's margin."""
+    metrics.request_accepted(endpoint, mode, sum(len(x.token_ids) for x in inputs))
+    for item in inputs:
+        metrics.prompt_used(item.idp.mode, item.idp.bank, item.idp.prompt, item.idp.margin)
+
+
+async def _count_generated(
+    endpoint: str, params: DecodeParams, outputs: AsyncIterator[tuple[int, DecodeOutput]]
+) -> AsyncIterator[tuple[int, DecodeOutput]]:
+    """`outputs`, counting the tokens generated for the caller as they pass (each output holds only new tokens
+    when streaming, all of them otherwise). With max_tokens=0 the one token vLLM must decode is dropped, and so
+    not counted, as in `usage`."""
+    async for index, out in outputs:
+        if params.max_tokens > 0:
+            metrics.tokens_generated(endpoint, sum(len(c.token_ids) for c in out.choices))
+        yield index, out
 
 
 def _headers(inputs: list[Input]) -> dict[str, str]:
