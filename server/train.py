@@ -254,30 +254,71 @@ def _summary(losses: list[float]) -> dict[str, float]:
     return {"first": round(sum(head) / len(head), 4), "last": round(sum(tail) / len(tail), 4), "steps": len(losses)}
 
 
-def measure_bank(models: Models, prompts: torch.Tensor, names: list[str], heldout: dict[str, torch.Tensor],
-                 selector_model: PreTrainedModel, single: torch.Tensor | None = None) -> dict[str, float]:
-    """Held-out perplexity per source: no prompt, the single prompt, each bank prompt, and IDP's choice.
+def calibrate_layers(router: PreTrainedModel, prompts: torch.Tensor, train: dict[str, torch.Tensor],
+                     per_source: int = 8) -> tuple[list[int] | None, dict[str, float]]:
+    """The selection layer that best routes a curated bank's training examples to their own source's prompt.
 
-    Perplexity (the `lm` loss) whatever the training objective, so banks trained either way compare.
+    IDP's default score averages attention over all layers. On SmolLM2 that average is dominated by layers whose
+    attention prefers one prompt whatever the input (measured: all layers sent 28 of 32 held-out blocks of four
+    domains to the `units` prompt), while single later layers route by domain. A curated bank knows which prompt
+    each training example belongs to, so we pick the layer with the highest routing accuracy on (a few)
+    training blocks, never on held-out ones, and keep all layers when no single layer beats them.
     """
     from server.selection import CachedSelector
 
-    selector = CachedSelector(selector_model, prompts)
+    ids = torch.cat([blocks[:per_source] for blocks in train.values()]).tolist()
+    labels = torch.arange(len(train)).repeat_interleave(per_source)
+
+    def accuracy(layers: list[int] | None) -> float:
+        chosen = CachedSelector(router, prompts, layers).scores(ids).argmax(dim=1)
+        return round((chosen == labels).float().mean().item(), 4)
+
+    record = {"route_acc/all_layers": accuracy(None)}
+    per_layer = {layer: accuracy([layer]) for layer in range(router.config.num_hidden_layers)}
+    best = max(per_layer, key=per_layer.__getitem__)
+    record[f"route_acc/layer_{best}"] = per_layer[best]
+    if per_layer[best] <= record["route_acc/all_layers"]:
+        return None, record
+    return [best], record
+
+
+def measure_bank(models: Models, prompts: torch.Tensor, names: list[str], heldout: dict[str, torch.Tensor],
+                 selector_model: PreTrainedModel, single: torch.Tensor | None = None,
+                 layers: list[int] | None = None) -> dict[str, float]:
+    """Held-out perplexity per source: no prompt, the single prompt, each bank prompt, and IDP's choice.
+
+    Perplexity (the `lm` loss) whatever the training objective, so banks trained either way compare. IDP runs
+    with the bank's selection layers (`layers`); `idp_all_layers` is the paper's all-layer rule for comparison.
+    """
+    from server.selection import CachedSelector
+
+    out: dict[str, float] = {}
+    if layers is not None:
+        out |= _measure_idp(models, prompts, names, heldout, CachedSelector(selector_model, prompts), "idp_all_layers")
+    out |= _measure_idp(models, prompts, names, heldout, CachedSelector(selector_model, prompts, layers), "idp")
+    for source, blocks in heldout.items():
+        out[f"ppl/{source}/none"] = _ppl(models, None, blocks)
+        if single is not None:
+            out[f"ppl/{source}/single"] = _ppl(models, single, blocks)
+        for k, name in enumerate(names):
+            out[f"ppl/{source}/{name}"] = _ppl(models, prompts[k], blocks)
+    return out
+
+
+def _ppl(models: Models, prompt: torch.Tensor | None, blocks: torch.Tensor) -> float:
+    return round(math.exp(mean_loss(models, prompt, blocks, "lm")), 3)
+
+
+def _measure_idp(models: Models, prompts: torch.Tensor, names: list[str], heldout: dict[str, torch.Tensor],
+                 selector, label: str) -> dict[str, float]:
+    """Perplexity when each held-out block is decoded behind the prompt `selector` picks, and the picks' shares."""
     out: dict[str, float] = {}
     for source, blocks in heldout.items():
-        def ppl(prompt: torch.Tensor | None, b: torch.Tensor = blocks) -> float:
-            return round(math.exp(mean_loss(models, prompt, b, "lm")), 3)
-
-        out[f"ppl/{source}/none"] = ppl(None)
-        if single is not None:
-            out[f"ppl/{source}/single"] = ppl(single)
-        for k, name in enumerate(names):
-            out[f"ppl/{source}/{name}"] = ppl(prompts[k])
         chosen = [s.index for s in selector.select(blocks.tolist())]
         losses = [mean_loss(models, prompts[c], blocks[i:i + 1], "lm") for i, c in enumerate(chosen)]
-        out[f"ppl/{source}/idp"] = round(math.exp(sum(losses) / len(losses)), 3)
+        out[f"ppl/{source}/{label}"] = round(math.exp(sum(losses) / len(losses)), 3)
         for k, name in enumerate(names):
-            out[f"share/{source}/{name}"] = round(chosen.count(k) / len(chosen), 3)
+            out[f"share/{source}/{label}/{name}"] = round(chosen.count(k) / len(chosen), 3)
     return out
 
 
@@ -309,11 +350,12 @@ def build_and_save(student_dir: Path, teacher_dir: Path | None, plan: BankPlan, 
     run_id = hashlib.sha256(f"{student_dir.name}{plan.model_dump_json()}{spec.model_dump_json()}".encode()).hexdigest()
     prompts, names, record = train_bank(models, plan, spec, train, work_dir / f"{bank_name}-{run_id[:12]}", router)
     single = load_bank(single_bank, expect=model_print).embeddings[0] if single_bank else None
-    measured = measure_bank(models, prompts, names, heldout, router, single)
+    layers, routing = calibrate_layers(router, prompts, train) if plan.mode == "curated" else (None, {})
+    measured = measure_bank(models, prompts, names, heldout, router, single, layers) | routing
     trained = {
         "mode": plan.mode, "sources": list(plan.sources), "spec": spec.model_dump(),
         "teacher": teacher_dir.name if teacher_dir else None, "train_blocks": {k: len(v) for k, v in train.items()},
-        "command": command, **record,
+        "command": command, "selection_layers": layers, **record,
     }
     save_bank(make_bank(bank_name, prompts, names, model_print, trained, measured), target)
     return target
