@@ -4,11 +4,14 @@ the model the way compression should (which is what the prompt banks then repair
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
 from server.cli import main
 from server.compress import CompressionSpec, compress
@@ -85,12 +88,30 @@ def test_2of4_pruning_keeps_two_of_every_four(tiny_variants: dict[str, Path], sl
         assert int(nonzero_per_group.max()) <= 2, name
 
 
+def _continuation_perplexity(model_dir: Path, prompt: str, continuation: str) -> float:
+    """Perplexity of `continuation` after `prompt` under the model in `model_dir`."""
+    model, tokenizer = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    context = tokenizer(prompt)["input_ids"]
+    tail = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([context + tail])).logits[0, len(context) - 1:-1].log_softmax(-1)
+    return math.exp(-logprobs[torch.arange(len(tail)), torch.tensor(tail)].mean().item())
+
+
 @pytest.mark.slow
 def test_default_variant_loses_perplexity_and_still_speaks(base_model: Path, served_model: Path) -> None:
+    """The default variant is clearly damaged (held-out perplexity) yet still writes language in vLLM.
+
+    "Language" is judged by the uncompressed model: its perplexity of the compressed model's greedy continuation
+    must stay far below that of random tokens (measured: ~63 for this continuation, ~2.8 million for 16 random
+    tokens). The 3-bit model no longer knows that Paris is France's capital, so a fact check would be wrong here.
+    """
     base, served = read_card(base_model), read_card(served_model)
     assert served.measured["heldout_ppl"] > 1.2 * base.measured["heldout_ppl"]
-    text = generate("The capital of France is", 8, [(served_model, served.serve_dtype)])[str(served_model)]
-    assert "Paris" in text
+    prompt = "Once upon a time, there was a"
+    text = generate(prompt, 16, [(served_model, served.serve_dtype)])[str(served_model)]
+    assert len(re.findall(r"[A-Za-z]{2,}", text)) >= 4, text
+    assert _continuation_perplexity(base_model, prompt, text) < 1000, text
 
 
 @pytest.mark.parametrize(
