@@ -76,11 +76,53 @@ def _train(args: argparse.Namespace, settings: Settings) -> None:
     print(folder)
 
 
+def _eval_inputs(args: argparse.Namespace, settings: Settings) -> dict:
+    """The arguments `evaluate_all` and `analyse` share, resolved to folders."""
+    from server.models import resolve
+
+    return {
+        "base_dir": resolve(args.base, settings.models_dir), "compressed_dir": resolve(args.model, settings.models_dir),
+        "bank_dir": args.bank, "single_dir": args.single,
+        "tasks": args.tasks.split(",") if args.tasks else None, "limit": args.limit, "data_dir": settings.data_dir,
+        "cache_dir": settings.home / "lora", "lora_rank": args.lora_rank, "lora_lr": args.lora_lr,
+    }
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> None:
+    from server.evaluate import evaluate_all
+    from server.report import write_report
+
+    result = evaluate_all(**_eval_inputs(args, settings), samples=args.bootstrap, server_url=args.server_url,
+                          server_limit=args.server_limit)
+    print(write_report(result, args.out, "idp-serve " + shlex.join(sys.argv[1:])))
+
+
+def _attention(args: argparse.Namespace, settings: Settings) -> None:
+    from server.analysis import analyse
+    from server.report import write_attention
+
+    rows = analyse(**_eval_inputs(args, settings))
+    print(write_attention(rows, args.out, "idp-serve " + shlex.join(sys.argv[1:])))
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", help="root of idp-serve's caches (env IDP_HOME)")
     parser.add_argument("--models-dir", dest="models_dir", help="model folders (env IDP_MODELS_DIR)")
     parser.add_argument("--data-dir", dest="data_dir", help="offline corpora (env IDP_DATA_DIR)")
     parser.add_argument("--torch-threads", dest="torch_threads", type=int, help="torch threads (env IDP_TORCH_THREADS)")
+
+
+def _eval_common(parser: argparse.ArgumentParser, tasks_help: str, limit: int) -> None:
+    _common(parser)
+    parser.add_argument("--model", default=DEFAULT_SERVED, help="the compressed model")
+    parser.add_argument("--base", default=DEFAULT_BASE, help="the uncompressed model (and the LoRA's KD teacher)")
+    parser.add_argument("--bank", type=Path, default=Path("prompt_banks/default"), help="the IDP bank folder")
+    parser.add_argument("--single", type=Path, default=Path("prompt_banks/single"), help="the single-prompt bank")
+    parser.add_argument("--tasks", help=f"comma-separated {tasks_help}")
+    parser.add_argument("--limit", type=int, default=limit, help="test examples per task")
+    parser.add_argument("--lora-rank", dest="lora_rank", type=int, default=1, help="LoRA rank on q/v (0: no LoRA)")
+    parser.add_argument("--lora-lr", dest="lora_lr", type=float, default=1e-3,
+                        help="LoRA learning rate (steps, batches and objective are the single prompt's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seq-len", dest="seq_len", type=int, default=64)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("evaluate", help="compare base, compressed, single prompt, IDP, forced prompts and LoRA")
+    _eval_common(evaluate, "tasks (MC names, *:gen generative ones; default all)", 40)
+    evaluate.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CIs")
+    evaluate.add_argument("--server-url", dest="server_url", help="also re-score a sample through this live server")
+    evaluate.add_argument("--server-limit", dest="server_limit", type=int, default=3,
+                          help="examples per task re-scored through --server-url")
+    evaluate.add_argument("--out", type=Path, default=Path("reports/evaluate"), help="report folder")
+    evaluate.set_defaults(handler=_evaluate)
+
+    attention = sub.add_parser("attention", help="per-layer attention deviation from the base model (analysis)")
+    _eval_common(attention, "tasks whose test contexts are the inputs (default all MC tasks)", 5)
+    attention.add_argument("--out", type=Path, default=Path("reports/attention"), help="report folder")
+    attention.set_defaults(handler=_attention)
     sub.add_parser("serve", help="serve the OpenAI-compatible API (see `idp-serve serve --help`)")
     return parser
 

@@ -117,7 +117,7 @@ class Checkpoint:
         (self.folder / "state.json").write_text(json.dumps({"step": step} | extra))
 
 
-def _batches(blocks: torch.Tensor, batch_size: int, generator: torch.Generator):
+def batch_stream(blocks: torch.Tensor, batch_size: int, generator: torch.Generator):
     """An endless, seeded stream of batches [B, n] drawn without replacement per epoch."""
     while True:
         order = torch.randperm(blocks.shape[0], generator=generator)
@@ -143,7 +143,7 @@ def train_prompts(
     prompts = torch.nn.Parameter(init.clone())
     optimizer = torch.optim.Adam([prompts], lr=spec.lr)
     start = checkpoint.load(prompts, optimizer)
-    batches = _batches(data, spec.batch_size, generator)
+    batches = batch_stream(data, spec.batch_size, generator)
     for _ in range(start):  # replay the data stream so a resumed run sees what an uninterrupted one would
         next(batches)
     losses: list[float] = []
@@ -225,7 +225,7 @@ def train_bank(models: Models, plan: BankPlan, spec: TrainSpec, train: dict[str,
         data = torch.cat([train[s] for s in names])
         init = init_prompt(models.student, data, spec.num_virtual_tokens, generator)[None]
         prompts, losses = train_prompts(models, init, data, spec, Checkpoint(work_dir / "single"), desc="single")
-        return prompts, ["general"], {"losses": {"general": _summary(losses)}}
+        return prompts, ["general"], {"losses": {"general": loss_summary(losses)}}
     inits = torch.stack([init_prompt(models.student, train[s], spec.num_virtual_tokens, generator) for s in names])
     if plan.mode == "curated":
         trained, record = [], {}
@@ -233,7 +233,7 @@ def train_bank(models: Models, plan: BankPlan, spec: TrainSpec, train: dict[str,
             sub = spec.model_copy(update={"seed": spec.seed + k})
             p, losses = train_prompts(models, inits[k:k + 1], train[name], sub, Checkpoint(work_dir / name), desc=name)
             trained.append(p[0])
-            record[name] = _summary(losses)
+            record[name] = loss_summary(losses)
         return torch.stack(trained), names, {"losses": record}
     assert router is not None, "joint training needs a selection model"
     from server.selection import CachedSelector
@@ -245,10 +245,10 @@ def train_bank(models: Models, plan: BankPlan, spec: TrainSpec, train: dict[str,
     data = torch.cat([train[s] for s in names])
     joint = spec.model_copy(update={"steps": spec.steps * len(names)})
     prompts, losses = train_prompts(models, inits, data, joint, Checkpoint(work_dir / "joint"), route, desc="joint")
-    return prompts, [f"p{k}" for k in range(len(names))], {"losses": {"joint": _summary(losses)}}
+    return prompts, [f"p{k}" for k in range(len(names))], {"losses": {"joint": loss_summary(losses)}}
 
 
-def _summary(losses: list[float]) -> dict[str, float]:
+def loss_summary(losses: list[float]) -> dict[str, float]:
     """First and last loss (means of 10 steps), enough to see that training did something."""
     head, tail = losses[:10], losses[-10:]
     return {"first": round(sum(head) / len(head), 4), "last": round(sum(tail) / len(tail), 4), "steps": len(losses)}

@@ -1,0 +1,85 @@
+"""Where does a repair act? Per layer, how far the compressed model's attention is from the base model's.
+
+The paper's reading of prompt repair is that a prompt *redirects* attention back towards what the uncompressed
+model attended to, rather than re-learning what compression destroyed. That is checkable: on the same inputs,
+compare each layer's attention distributions over the input tokens (prompt positions dropped, each row
+renormalised) of the compressed model alone, behind a prompt, and with LoRA, against the base model's. If
+prompts redirect, their rows sit closer to the base model's than the bare compressed model's do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedModel
+
+from server.evaluate import Method, eval_examples, load_methods, lora_method
+from server.selection import SELECTION_ATTENTION
+from server.tasks import TASKS
+
+
+def eager(model: PreTrainedModel) -> PreTrainedModel:
+    """The model with an attention implementation that returns probabilities (selection models already do)."""
+    if model.config._attn_implementation not in ("eager", SELECTION_ATTENTION):
+        model.set_attn_implementation("eager")
+    return model
+
+
+@torch.no_grad()
+def input_attention(model: PreTrainedModel, ids: list[int], prompt: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention among input tokens [L, H, n, n] (prompt columns dropped, rows renormalised) and the mass each
+    input row put on the prompt, mean per layer [L] (zeros without a prompt)."""
+    embeds = model.get_input_embeddings()(torch.tensor([ids]))
+    m = 0 if prompt is None else prompt.shape[0]
+    if prompt is not None:
+        embeds = torch.cat([prompt[None].to(embeds.dtype), embeds], dim=1)
+    attentions = torch.stack([a[0] for a in model(inputs_embeds=embeds, output_attentions=True).attentions])
+    rows = attentions[:, :, m:]
+    inputs = rows[..., m:]
+    return inputs / inputs.sum(-1, keepdim=True), rows[..., :m].sum(-1).mean((1, 2))
+
+
+def distances(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer [L]: mean total variation and mean Jensen-Shannon distance (base 2, in [0, 1]) of rows."""
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * (a.clamp_min(1e-12).log2() - b.clamp_min(1e-12).log2())).sum(-1)
+
+    mix = (p + q) / 2
+    js = (0.5 * kl(p, mix) + 0.5 * kl(q, mix)).clamp_min(0).sqrt()
+    return 0.5 * (p - q).abs().sum(-1).mean((1, 2)), js.mean((1, 2))
+
+
+def attention_deviation(base: PreTrainedModel, methods: Sequence[Method], inputs: Sequence[list[int]]) -> list[dict]:
+    """One row per layer: for each method, mean TV / JS distance to the base model's attention, and the mean
+    attention mass the input put on the prompt (`on_prompt`, prompt methods only), over `inputs`."""
+    totals: dict[str, torch.Tensor] = {}
+    for model in (base, *(m.model for m in methods)):
+        eager(model)
+    for ids in tqdm(inputs, desc="attention"):
+        reference, _ = input_attention(base, ids, None)
+        for method in methods:
+            prompt, _, _ = method.choose(ids)
+            attention, on_prompt = input_attention(method.model, ids, prompt)
+            tv, js = distances(attention, reference)
+            parts = {"tv": tv, "js": js} | ({"on_prompt": on_prompt} if prompt is not None else {})
+            for key, value in parts.items():
+                totals[f"{method.name}/{key}"] = totals.get(f"{method.name}/{key}", 0) + value
+    layers = base.config.num_hidden_layers
+    return [{"layer": layer, **{k: float(v[layer]) / len(inputs) for k, v in totals.items()}} for layer in range(layers)]
+
+
+def analyse(base_dir: Path, compressed_dir: Path, bank_dir: Path, single_dir: Path | None,
+            tasks: Sequence[str] | None, limit: int | None, data_dir: Path, cache_dir: Path, lora_rank: int, lora_lr: float) -> list[dict]:
+    """Attention deviation of compressed, single prompt, IDP and LoRA (the evaluate command's cached adapter)
+    from the base model, on the contexts of the tasks' test examples (`limit` per task)."""
+    base, methods, _, single = load_methods(base_dir, compressed_dir, bank_dir, single_dir)
+    methods = [m for m in methods if not m.name.startswith("forced:")]
+    if single is not None and lora_rank > 0:
+        methods.append(lora_method(compressed_dir, base, single, data_dir, cache_dir, lora_rank, lora_lr)[0])
+    tokenizer = AutoTokenizer.from_pretrained(compressed_dir)
+    inputs = [tokenizer(e.context)["input_ids"] for _, _, e in eval_examples(tasks or list(TASKS), limit)]
+    return attention_deviation(base, methods, inputs)
