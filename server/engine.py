@@ -202,15 +202,16 @@ class Engine:
             )
 
     def _check_prefix(self, prefix: Prefix) -> int:
-        """Length m of a valid prefix; a bank for another hidden size or a non-finite row is a server fault."""
+        """Length m of a valid prefix; a bank for another hidden size is a server fault.
+
+        Finite values are not re-checked here: `PromptBank` refuses non-finite prompts when it is built, once per
+        bank, so checking every request's rows again would only repeat that work on the hot path."""
         rows = prefix.bank.embeddings
         if rows.dim() != 3 or rows.shape[2] != self.hidden_size or not 0 <= prefix.index < rows.shape[0]:
             raise ValueError(
                 f"bank {prefix.bank.name!r}: prompt {prefix.index} of a {list(rows.shape)} bank cannot prefix "
                 f"a model of hidden size {self.hidden_size}"
             )
-        if not torch.isfinite(rows[prefix.index]).all():
-            raise ValueError(f"bank {prefix.bank.name!r}: prompt {prefix.index} holds non-finite values")
         return int(rows.shape[1])
 
     async def generate(
