@@ -5,10 +5,14 @@ prompt in front of every input as `prompt_embeds` (the best a plain vLLM deploym
 idp-serve selects a prompt per request from the bank (mode dynamic) and decodes it the same way. Same model,
 dtype, KV cache, eager mode; the servers run one after the other, never at once, so they never share the CPU.
 
+idp-serve keeps its own threads off the cores vLLM pins its workers to (server/cpus.py); the stock server does
+not. `--pin-stock` adds a third run, the stock server with its API process pinned the same way (with `taskset`
+semantics, from outside), so the table also shows what is left of the overhead once both are placed alike.
+
 Workload: 128-token prompts cut from held-out news text, 64 output tokens (ignore_eos), greedy, at concurrency
 1, 8 and 32. Printed: output throughput and p50/p95 request latency of each server, and the ratios IDP / stock.
 
-    python bench/serve.py [--concurrency 1 8 32] [--requests-per-level 2x] [--bank default]
+    python bench/serve.py [--concurrency 1 8 32] [--requests-per-level 4] [--bank default] [--pin-stock]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 from transformers import AutoTokenizer
 
@@ -45,8 +50,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def pin_frontend(pid: int) -> list[int]:
+    """Pin every thread of process `pid` to the CPUs its engine's workers are not pinned to (as idp-serve does)."""
+    inherited = os.sched_getaffinity(0)
+    workers: set[int] = set()
+    for child in psutil.Process(pid).children(recursive=True):
+        for thread in child.threads():
+            mask = os.sched_getaffinity(thread.id)
+            if mask < inherited:
+                workers |= mask
+    cpus = sorted(inherited - workers)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+    return cpus
+
+
 @contextmanager
-def running(cmd: list[str], port: int, log: Path):
+def running(cmd: list[str], port: int, log: Path, pin: bool = False):
     """Start a server process, wait for /health, stop it afterwards."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
@@ -63,6 +83,8 @@ def running(cmd: list[str], port: int, log: Path):
                 time.sleep(2)
             else:
                 raise RuntimeError(f"{cmd[:4]} did not become healthy; see {log}")
+            if pin:
+                print(f"  pinned {cmd[2]} to CPUs {pin_frontend(proc.pid)}", file=sys.stderr)
             yield f"http://127.0.0.1:{port}"
         finally:
             proc.terminate()
@@ -104,9 +126,10 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)")
+    parser.add_argument("--requests-per-level", type=int, default=4, help="requests = this x concurrency (min 4)")
     parser.add_argument("--bank", default="default")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--pin-stock", action="store_true", help="also run the stock server pinned like ours")
     args = parser.parse_args()
 
     serve = ServeSettings()
@@ -131,15 +154,19 @@ def main() -> None:
                  *engine_flags]
     idp_cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--port", str(idp_port),
                "--dtype", args.dtype, "--max-model-len", "512", "--default-bank", args.bank]
+    def stock_body(ids: torch.Tensor) -> dict:
+        return {"model": str(folder), "prompt_embeds": embeds_b64(torch.cat([static, table[ids]])), **common}
+
     runs = {
-        "stock vLLM (static prompt)": (stock_cmd, stock_port, lambda ids: {
-            "model": str(folder), "prompt_embeds": embeds_b64(torch.cat([static, table[ids]])), **common}),
-        "idp-serve (dynamic)": (idp_cmd, idp_port, lambda ids: {
+        "stock": (stock_cmd, stock_port, False, stock_body),
+        "idp": (idp_cmd, idp_port, False, lambda ids: {
             "model": folder.name, "prompt": ids.tolist(), "idp": {"bank": args.bank, "mode": "dynamic"}, **common}),
     }
-    for label, (cmd, port, make) in runs.items():
+    if args.pin_stock:
+        runs["stock pinned"] = (stock_cmd, stock_port, True, stock_body)
+    for label, (cmd, port, pin, make) in runs.items():
         print(f"starting {label} ...", file=sys.stderr)
-        with running(cmd, port, logs / f"bench-serve-{port}.log") as url:
+        with running(cmd, port, logs / f"bench-serve-{port}.log", pin) as url:
             asyncio.run(load(url, workload(1, make)[:2], 1))  # warm-up
             results[label] = {}
             for c in args.concurrency:
@@ -147,17 +174,20 @@ def main() -> None:
                 results[label][c] = (tokens / wall, percentile(latencies, 50), percentile(latencies, 95))
                 print(f"  {label} c={c}: {tokens / wall:.1f} tok/s", file=sys.stderr)
 
-    stock, ours = results.values()
     print(f"\nmodel {folder.name}, bank {args.bank} (K={bank.k}, m={bank.m}), dtype {args.dtype}, "
-          f"{PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens\n")
-    print("| concurrency | stock tok/s | IDP tok/s | throughput ratio | stock p50 s | IDP p50 s | p50 ratio "
-          "| stock p95 s | IDP p95 s | p95 ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for c in args.concurrency:
-        (st, s50, s95), (it, i50, i95) = stock[c], ours[c]
-        print(f"| {c} | {st:.1f} | {it:.1f} | {it / st:.2f}x | {s50:.2f} | {i50:.2f} | {i50 / s50:.2f}x "
-              f"| {s95:.2f} | {i95:.2f} | {i95 / s95:.2f}x |")
+          f"{PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens, "
+          f"{max(4, args.requests_per_level)} x concurrency requests per level\n")
+    print(TABLE_HEAD)
+    for baseline in [b for b in ("stock", "stock pinned") if b in results]:
+        for c in args.concurrency:
+            (st, s50, s95), (it, i50, i95) = results[baseline][c], results["idp"][c]
+            print(f"| idp vs {baseline} | {c} | {st:.1f} | {it:.1f} | {it / st:.2f}x | {s50:.2f} | {i50:.2f} "
+                  f"| {i50 / s50:.2f}x | {s95:.2f} | {i95:.2f} | {i95 / s95:.2f}x |")
 
+
+TABLE_HEAD = """| run | concurrency | stock tok/s | IDP tok/s | throughput ratio | stock p50 s | IDP p50 s | p50 ratio \
+| stock p95 s | IDP p95 s | p95 ratio |
+|---|---|---|---|---|---|---|---|---|---|---|"""
 
 if __name__ == "__main__":
     main()

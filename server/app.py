@@ -34,7 +34,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from transformers import PreTrainedModel
 
-from server import __version__, metrics
+from server import __version__, cpus, metrics
 from server.api.errors import ApiError, install_error_handlers
 from server.api.middleware import ApiKey, BodyLimit
 from server.api.router import router
@@ -61,6 +61,19 @@ class _Running:
     async def stop(self) -> None:
         await self.selection.stop()
         self.engine.shutdown()
+
+
+def selection_device(setting: str) -> str:
+    """The torch device of the selection pass: `auto` is the GPU when torch sees one (vLLM's GPU build), else CPU.
+
+    An explicit device torch cannot use is refused here, at start-up, rather than on the first request."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=setting)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"selection_device {setting!r} is not usable here: {error}") from error
+    return setting
 
 
 def serve_dtype(folder: Path) -> str:
@@ -99,8 +112,10 @@ class BankLoader:
     runs once; IdpServing serializes reloads).
     """
 
-    def __init__(self, folder: Path, banks_dir: Path, default_bank: str | None, layers: list[int] | None) -> None:
+    def __init__(self, folder: Path, banks_dir: Path, default_bank: str | None, layers: list[int] | None,
+                 device: str) -> None:
         self._folder = folder
+        self._device = device
         self._expect = fingerprint(folder)
         self._banks_dir = banks_dir
         self._default_bank = default_bank
@@ -112,7 +127,7 @@ class BankLoader:
         banks = load_banks(self._banks_dir, self._expect)
         default = choose_default_bank(self._default_bank, banks)
         if banks and self._model is None:
-            self._model = load_selection_model(self._folder)
+            self._model = load_selection_model(self._folder, self._device)
         selectors = {
             name: CachedSelector(self._model, bank.embeddings, self._layers or bank.selection_layers)
             for name, bank in banks.items()
@@ -123,7 +138,8 @@ class BankLoader:
 async def _start(settings: ServeSettings) -> _Running:
     folder = resolve(settings.model, settings.models_dir)
     torch.set_num_threads(settings.torch_threads)
-    loader = BankLoader(folder, settings.banks_dir, settings.default_bank, settings.selection_layers)
+    loader = BankLoader(folder, settings.banks_dir, settings.default_bank, settings.selection_layers,
+                        selection_device(settings.selection_device))
     bank_set = asyncio.create_task(asyncio.to_thread(loader))
     name = settings.served_model_name or folder.name
     config = EngineConfig(
@@ -161,6 +177,16 @@ async def _watch_engine(engine: Engine, exit_after_s: float, on_engine_death: Ca
     await asyncio.sleep(exit_after_s)
     if on_engine_death is not None:
         on_engine_death()
+
+
+def _pin_frontend(engine: Engine) -> Callable[[], None]:
+    """Move this process's threads off the CPUs vLLM pinned its workers to, if any are left; returns the undo."""
+    workers = engine.worker_cpus
+    ours = cpus.frontend_cpus(workers)
+    if not workers or not ours:
+        logger.info("frontend threads not pinned (vLLM workers pinned to %s)", sorted(workers) or "no CPU")
+        return lambda: None
+    return cpus.pin_process(ours)
 
 
 def _reload_on_sighup(serving: IdpServing) -> Callable[[], None]:
@@ -202,9 +228,11 @@ def create_app(settings: ServeSettings, on_engine_death: Callable[[], None] | No
             _watch_engine(running.engine, settings.engine_death_exit_s, on_engine_death), name="idp-engine-watchdog"
         )
         stop_sighup = _reload_on_sighup(running.serving)
+        unpin = _pin_frontend(running.engine) if settings.pin_frontend else lambda: None
         try:
             yield
         finally:
+            unpin()
             stop_sighup()
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)

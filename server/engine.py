@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import vllm
 from vllm import SamplingParams
@@ -133,10 +135,14 @@ class DecodeOutput:
 class Engine:
     """An in-process vLLM `AsyncLLM` (its engine core runs in a child process) serving [prefix | tokens]."""
 
-    def __init__(self, llm: AsyncLLM, embedding_table: torch.Tensor, max_model_len: int) -> None:
+    def __init__(
+        self, llm: AsyncLLM, embedding_table: torch.Tensor, max_model_len: int, worker_cpus: frozenset[int]
+    ) -> None:
         self._llm = llm
         self._table = embedding_table
         self.max_model_len = max_model_len
+        self.worker_cpus = worker_cpus
+        """CPUs vLLM pinned its worker threads to (its CPU build binds OpenMP threads); empty if none."""
 
     @classmethod
     def start(cls, config: EngineConfig) -> Engine:
@@ -153,7 +159,7 @@ class Engine:
         )
         llm = AsyncLLM.from_engine_args(args)
         table = embedding_weight(config.model)
-        return cls(llm, table, llm.model_config.max_model_len)
+        return cls(llm, table, llm.model_config.max_model_len, _pinned_worker_cpus())
 
     @property
     def tokenizer(self) -> Any:
@@ -262,6 +268,30 @@ class Engine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _pinned_worker_cpus() -> frozenset[int]:
+    """CPUs that the engine's processes pinned threads to, read right after start, while this process still has
+    the mask its children inherited: a thread whose mask is narrower than that was pinned by vLLM.
+
+    Read from the processes rather than recomputed from vLLM's binding rules (NUMA nodes, SMT siblings, reserved
+    cores, `VLLM_CPU_OMP_THREADS_BIND`), which are vLLM's to change.
+    """
+    inherited = frozenset(os.sched_getaffinity(0))
+    pinned: set[int] = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            threads = process.threads()
+        except psutil.Error:
+            continue  # the process ended meanwhile
+        for thread in threads:
+            try:
+                mask = frozenset(os.sched_getaffinity(thread.id))
+            except OSError:
+                continue
+            if mask < inherited:
+                pinned |= mask
+    return frozenset(pinned)
 
 
 def _sampling_params(params: DecodeParams) -> SamplingParams:

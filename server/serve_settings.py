@@ -38,6 +38,10 @@ class ServeSettings(Settings):
         None, description="Decoder layers whose attention scores prompts, for every bank (default: each bank's "
         "calibrated `selection_layers` from its manifest, else all layers, the paper's choice)."
     )
+    selection_device: str = Field(
+        "auto", description="torch device of the selection pass: auto (the GPU when torch sees one, else cpu), "
+        "cpu, cuda, cuda:1, ...",
+    )
     selection_batch_size: int = Field(16, ge=1, description="Most inputs scored in one selection pass.")
     selection_wait_ms: float = Field(
         2.0, ge=0, description="How long a selection pass waits for more requests to join its batch."
@@ -53,6 +57,10 @@ class ServeSettings(Settings):
     enforce_eager: bool = Field(True, description="Skip torch.compile / CUDA graphs (faster start, slower decode).")
     engine_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs fields), passed through."
+    )
+    pin_frontend: bool = Field(
+        True, description="On CPU hosts, keep the server's own threads (HTTP, tokenizing, selection) off the cores "
+        "vLLM pins its workers to (see server/cpus.py); no effect when vLLM pins nothing (GPU).",
     )
     log_level: str = Field("info", description="uvicorn log level.")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -156,6 +157,16 @@ def test_models_health_version_metrics(srv_live: LiveServer, tiny_llama: Path) -
     assert "idp" in httpx.get(f"{srv_live.url}/openapi.json").json()["components"]["schemas"]["CompletionRequest"][
         "properties"
     ]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to split")
+def test_server_threads_run_off_the_vllm_worker_cores(srv_live: LiveServer) -> None:
+    """vLLM's CPU build pins its workers' threads; every thread of the server's process (here the test process,
+    which serves from a thread) runs on the other CPUs, so HTTP and selection work never stall a decode step."""
+    workers = srv_live.serving.engine.worker_cpus
+    assert workers, "vLLM's CPU build pins its workers' OpenMP threads"
+    for tid in os.listdir("/proc/self/task"):
+        assert os.sched_getaffinity(int(tid)).isdisjoint(workers), f"thread {tid} may run on a vLLM worker core"
 
 
 def test_selection_matches_cached_selector(
