@@ -33,3 +33,17 @@ def test_serve_settings_come_from_flags_over_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv("IDP_DEFAULT_BANK", "from-env")
     settings = ServeSettings(_cli_parse_args=["--port", "9100", "--selection-layers", "[0,3]"], _cli_kebab_case=True)
     assert (settings.port, settings.default_bank, settings.selection_layers) == (9100, "from-env", [0, 3])
+
+
+def test_selection_device_auto_follows_torch_and_an_unusable_one_is_refused_at_start() -> None:
+    import torch
+
+    from server.app import selection_device
+
+    assert selection_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert selection_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="selection_device 'tpu:9' is not usable here"):
+        selection_device("tpu:9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="selection_device 'cuda' is not usable here"):
+            selection_device("cuda")
