@@ -5,6 +5,11 @@ model attended to, rather than re-learning what compression destroyed. That is c
 compare each layer's attention distributions over the input tokens (prompt positions dropped, each row
 renormalised) of the compressed model alone, behind a prompt, and with LoRA, against the base model's. If
 prompts redirect, their rows sit closer to the base model's than the bare compressed model's do.
+
+One confound is measured apart: most heads of the base model park attention on the first input token (an
+"attention sink"). Behind a prompt, that mass can move onto the prompt's first token, which dropping the prompt
+columns turns into a large deviation that says nothing about how the input tokens attend to each other. So each
+distance is also reported with the first input token's row and column dropped (`*_nosink`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ def input_attention(model: PreTrainedModel, ids: list[int], prompt: torch.Tensor
     return inputs / inputs.sum(-1, keepdim=True), rows[..., :m].sum(-1).mean((1, 2))
 
 
+def without_first_token(attention: torch.Tensor) -> torch.Tensor:
+    """Attention rows [..., n, n] without the first input token's row and column, rows renormalised."""
+    rest = attention[..., 1:, 1:]
+    return rest / rest.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
 def distances(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer [L]: mean total variation and mean Jensen-Shannon distance (base 2, in [0, 1]) of rows."""
     def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,7 +76,9 @@ def attention_deviation(base: PreTrainedModel, methods: Sequence[Method], inputs
             prompt, _, _ = method.choose(ids)
             attention, on_prompt = input_attention(method.model, ids, prompt)
             tv, js = distances(attention, reference)
-            parts = {"tv": tv, "js": js} | ({"on_prompt": on_prompt} if prompt is not None else {})
+            tv_nosink, js_nosink = distances(without_first_token(attention), without_first_token(reference))
+            parts = {"tv": tv, "js": js, "tv_nosink": tv_nosink, "js_nosink": js_nosink}
+            parts |= {"on_prompt": on_prompt} if prompt is not None else {}
             for key, value in parts.items():
                 totals[f"{method.name}/{key}"] = totals.get(f"{method.name}/{key}", 0) + value
     layers = base.config.num_hidden_layers

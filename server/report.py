@@ -124,7 +124,10 @@ def write_attention(rows: list[dict], out_dir: Path, command: str) -> Path:
     lines = ["# Attention deviation from the base model, per layer", "", f"Command: `{command}`", "",
              ("Mean total-variation (tv) and Jensen-Shannon distance (js, base 2) between the variant's and the base "
              "model's attention rows over the input tokens (prompt positions dropped, rows renormalised), "
-             "averaged over heads, query tokens and inputs. 0 = the base model's attention."), "",
+             "averaged over heads, query tokens and inputs. 0 = the base model's attention. `*_nosink`: the same with "
+             "the first input token's row and column dropped too (the base model's attention sink), so mass that "
+             "moved from that token onto the prompt is not counted as deviation. `on_prompt`: mean attention mass "
+             "of the input rows on the prompt."), "",
              "| layer | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     lines += [f"| {r['layer']} | " + " | ".join(f"{r[v]:.4f}" for v in variants) + " |" for r in rows]
     means = {v: sum(r[v] for r in rows) / len(rows) for v in variants}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.analysis import attention_deviation
+from server.analysis import attention_deviation, distances, without_first_token
 from server.banks import PromptBank, make_bank, save_bank
 from server.cli import main
 from server.config import Settings
@@ -146,8 +146,20 @@ def test_attention_one_row_per_layer(tiny_llama: Path, tiny_compressed: Path, ti
     rows = attention_deviation(base, [Method("self", base), *methods[:3]], inputs)
     assert [r["layer"] for r in rows] == [0, 1]
     assert all(r["self/tv"] == pytest.approx(0, abs=1e-6) and r["self/js"] == pytest.approx(0, abs=1e-3) for r in rows)
+    assert all(r["self/tv_nosink"] == pytest.approx(0, abs=1e-6) for r in rows)
     assert all(0 < r["compressed/tv"] <= 1 and 0 < r["idp/on_prompt"] < 1 for r in rows)
     assert "compressed/on_prompt" not in rows[0]
+
+
+def test_attention_sink_moved_onto_the_prompt_is_not_deviation_without_the_first_token() -> None:
+    """The base row parks 0.6 on token 0; behind a prompt that mass went to the prompt, so after dropping the
+    prompt columns the row is renormalised differently. Among the other tokens both attend alike: *_nosink is 0."""
+    base = torch.tensor([[1.0, 0, 0], [0.6, 0.4, 0], [0.6, 0.2, 0.2]])[None, None]
+    prompted = torch.tensor([[1.0, 0, 0], [0.2, 0.8, 0], [0.2, 0.4, 0.4]])[None, None]
+    tv, _ = distances(prompted, base)
+    tv_nosink, js_nosink = distances(without_first_token(prompted), without_first_token(base))
+    assert tv.item() > 0.2
+    assert tv_nosink.item() == pytest.approx(0, abs=1e-6) and js_nosink.item() == pytest.approx(0, abs=1e-3)
 
 
 def test_attention_command(tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path], tmp_path: Path,
