@@ -35,7 +35,7 @@ class CompressionSpec(BaseModel):
     calibration_len: int = Field(512, ge=16)
 
     @model_validator(mode="after")
-    def _check_method_fields(self) -> "CompressionSpec":
+    def _check_method_fields(self) -> CompressionSpec:
         if self.method == "gptq" and self.bits is None:
             raise ValueError("gptq needs bits (2-8)")
         if self.method != "gptq" and self.bits is not None:

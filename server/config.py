@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _derive_dirs(self) -> "Settings":
+    def _derive_dirs(self) -> Settings:
         """Fill the directories that default to folders under `home`."""
         if self.models_dir is None:
             self.models_dir = self.home / "models"

@@ -261,7 +261,7 @@ class Engine:
             return False
         try:
             await self._llm.check_health()
-        except Exception:  # noqa: BLE001 - any failure of the health probe means "not serving"
+        except Exception:  # any failure of the health probe means "not serving"
             logger.exception("engine health check failed")
             return False
         return True

@@ -30,7 +30,7 @@ from server.corpus import SOURCES, lee_heldout, source_texts, token_blocks
 from server.models import fingerprint
 from server.selection import CachedSelector, prepare_selection_model
 from server.tasks import TASKS, Example, task_split
-from server.train import Models, TrainSpec, batch_stream, loss_summary, freeze, prompt_loss, source_blocks
+from server.train import Models, TrainSpec, batch_stream, freeze, loss_summary, prompt_loss, source_blocks
 
 if TYPE_CHECKING:
     import httpx

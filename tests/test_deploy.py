@@ -414,7 +414,7 @@ def test_image_and_chart_agree(chart):
     # The banks copied in by `COPY . .` land in the working directory's prompt_banks/.
     workdir = [args for stage, i, args in dockerfile_instructions() if i == "WORKDIR" and stage in chain][-1]
     assert image_env["IDP_BANKS_DIR"] == f"{workdir}/prompt_banks"
-    assert "/health" in re.search(r"HEALTHCHECK.*?CMD(.*)", text, re.S).group(1).splitlines()[0]
+    assert "/health" in re.search(r"HEALTHCHECK.*?CMD(.*)", text, re.DOTALL).group(1).splitlines()[0]
 
 
 def test_dockerignore_lets_the_copied_files_through():

@@ -15,7 +15,15 @@ from server.config import Settings
 from server.evaluate import load_model
 from server.models import fingerprint
 from server.train import (
-    BankPlan, Checkpoint, Models, TrainSpec, capacity_route, freeze, mean_loss, source_blocks, train_prompts,
+    BankPlan,
+    Checkpoint,
+    Models,
+    TrainSpec,
+    capacity_route,
+    freeze,
+    mean_loss,
+    source_blocks,
+    train_prompts,
 )
 
 

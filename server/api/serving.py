@@ -336,7 +336,7 @@ class IdpServing:
         messages = [{"role": m.role, "content": m.text} for m in request.messages]
         try:
             rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as error:  # noqa: BLE001 - a template refusing these messages is the caller's problem
+        except Exception as error:  # a template refusing these messages is the caller's problem
             raise invalid(f"cannot apply the chat template: {error}", param="messages") from error
         token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
         inputs = await self._prepare([(token_ids, rendered)], plan, requested or 1)
@@ -631,7 +631,7 @@ async def _sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
             yield f"data: {chunk.model_dump_json()}\n\n"
     except ApiError as error:
         yield f"data: {error.response().body.decode()}\n\n"
-    except Exception:  # noqa: BLE001 - headers are sent; all that is left is to tell the client in-band
+    except Exception:  # headers are sent; all that is left is to tell the client in-band
         logger.exception("error while streaming")
         yield f"data: {ApiError('internal server error', 500, type='internal_error').response().body.decode()}\n\n"
     yield "data: [DONE]\n\n"
