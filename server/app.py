@@ -182,8 +182,8 @@ async def _watch_engine(engine: Engine, exit_after_s: float, on_engine_death: Ca
 def _pin_frontend(engine: Engine) -> Callable[[], None]:
     """Move this process's threads off the CPUs vLLM pinned its workers to, if any are left; returns the undo."""
     workers = engine.worker_cpus
-    ours = cpus.frontend_cpus(workers)
-    if not workers or not ours:
+    ours = cpus.frontend_cpus(workers) if workers else frozenset()
+    if not ours:
         logger.info("frontend threads not pinned (vLLM workers pinned to %s)", sorted(workers) or "no CPU")
         return lambda: None
     return cpus.pin_process(ours)

@@ -277,6 +277,8 @@ def _pinned_worker_cpus() -> frozenset[int]:
     Read from the processes rather than recomputed from vLLM's binding rules (NUMA nodes, SMT siblings, reserved
     cores, `VLLM_CPU_OMP_THREADS_BIND`), which are vLLM's to change.
     """
+    if not hasattr(os, "sched_getaffinity"):
+        return frozenset()  # not Linux: no thread affinity to read (or to set, see server/cpus.py)
     inherited = frozenset(os.sched_getaffinity(0))
     pinned: set[int] = set()
     for process in psutil.Process().children(recursive=True):
