@@ -31,13 +31,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psutil
 import torch
 from transformers import AutoTokenizer
 
 from server.banks import load_bank
 from server.config import Settings
 from server.corpus import lee_heldout, token_blocks
+from server.cpus import frontend_cpus, pin_process, pinned_by_children
 from server.models import embedding_weight, resolve
 from server.serve_settings import ServeSettings
 
@@ -51,17 +51,10 @@ def free_port() -> int:
 
 
 def pin_frontend(pid: int) -> list[int]:
-    """Pin every thread of process `pid` to the CPUs its engine's workers are not pinned to (as idp-serve does)."""
-    inherited = os.sched_getaffinity(0)
-    workers: set[int] = set()
-    for child in psutil.Process(pid).children(recursive=True):
-        for thread in child.threads():
-            mask = os.sched_getaffinity(thread.id)
-            if mask < inherited:
-                workers |= mask
-    cpus = sorted(inherited - workers)
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), cpus)
+    """Pin every thread of server process `pid` off the CPUs its engine's workers are pinned to, as idp-serve
+    pins itself (server/cpus.py)."""
+    cpus = sorted(frontend_cpus(pinned_by_children(pid)))
+    pin_process(cpus, pid)
     return cpus
 
 

@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import psutil
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,20 +27,48 @@ def own_cpus() -> frozenset[int]:
     return frozenset(os.sched_getaffinity(0))
 
 
-def pin_process(cpus: Iterable[int]) -> Callable[[], None]:
-    """Run every thread of this process (and the threads they start later) on `cpus`; returns the undo.
+def pinned_by_children(pid: int | None = None) -> frozenset[int]:
+    """CPUs that descendants of process `pid` (default: this one) pinned some of their threads to.
+
+    A thread whose mask is narrower than the one this process has (the one children inherit) was pinned by its
+    own process: for a vLLM engine, its CPU workers' OpenMP threads. Call it before moving this process. Reading
+    the threads rather than recomputing vLLM's binding rules (NUMA nodes, SMT siblings, reserved cores,
+    `VLLM_CPU_OMP_THREADS_BIND`) leaves those rules vLLM's to change. Empty where there is no affinity API.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return frozenset()  # not Linux: no thread affinity to read (or to set)
+    inherited = own_cpus()
+    pinned: set[int] = set()
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            threads = process.threads()
+        except psutil.Error:
+            continue  # the process ended meanwhile
+        for thread in threads:
+            try:
+                mask = frozenset(os.sched_getaffinity(thread.id))
+            except OSError:
+                continue
+            if mask < inherited:
+                pinned |= mask
+    return frozenset(pinned)
+
+
+def pin_process(cpus: Iterable[int], pid: int | None = None) -> Callable[[], None]:
+    """Run every thread of process `pid` (default: this one), and the threads they start later, on `cpus`;
+    returns the undo.
 
     `sched_setaffinity` on a thread id moves that thread only, and a new thread inherits its creator's mask, so
     setting it on every current thread covers the process from now on. The undo gives every thread alive then
     the caller's mask from before, including threads started while pinned (pools keep their threads).
     """
-    target, before = frozenset(cpus), own_cpus()
-    for tid in _thread_ids():
+    target, before = frozenset(cpus), frozenset(os.sched_getaffinity(pid or 0))
+    for tid in _thread_ids(pid):
         _set(tid, target)
-    logger.info("frontend threads pinned to CPUs %s", sorted(target))
+    logger.info("threads of process %s pinned to CPUs %s", pid or os.getpid(), sorted(target))
 
     def undo() -> None:
-        for tid in _thread_ids():
+        for tid in _thread_ids(pid):
             _set(tid, before)
 
     return undo
@@ -49,8 +79,8 @@ def frontend_cpus(worker_cpus: frozenset[int]) -> frozenset[int]:
     return own_cpus() - worker_cpus
 
 
-def _thread_ids() -> list[int]:
-    return [int(entry.name) for entry in Path("/proc/self/task").iterdir()]
+def _thread_ids(pid: int | None) -> list[int]:
+    return [int(entry.name) for entry in Path(f"/proc/{pid or 'self'}/task").iterdir()]
 
 
 def _set(tid: int, cpus: frozenset[int]) -> None:

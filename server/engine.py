@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 import vllm
 from vllm import SamplingParams
@@ -39,6 +37,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from server.banks import PromptBank
+from server.cpus import pinned_by_children
 from server.models import embedding_weight
 
 VLLM_VERSION: str = vllm.__version__
@@ -142,7 +141,8 @@ class Engine:
         self._table = embedding_table
         self.max_model_len = max_model_len
         self.worker_cpus = worker_cpus
-        """CPUs vLLM pinned its worker threads to (its CPU build binds OpenMP threads); empty if none."""
+        """CPUs vLLM pinned its worker threads to (its CPU build binds OpenMP threads), read right after start;
+        empty if none."""
 
     @classmethod
     def start(cls, config: EngineConfig) -> Engine:
@@ -159,7 +159,7 @@ class Engine:
         )
         llm = AsyncLLM.from_engine_args(args)
         table = embedding_weight(config.model)
-        return cls(llm, table, llm.model_config.max_model_len, _pinned_worker_cpus())
+        return cls(llm, table, llm.model_config.max_model_len, pinned_by_children())
 
     @property
     def tokenizer(self) -> Any:
@@ -268,32 +268,6 @@ class Engine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
-
-
-def _pinned_worker_cpus() -> frozenset[int]:
-    """CPUs that the engine's processes pinned threads to, read right after start, while this process still has
-    the mask its children inherited: a thread whose mask is narrower than that was pinned by vLLM.
-
-    Read from the processes rather than recomputed from vLLM's binding rules (NUMA nodes, SMT siblings, reserved
-    cores, `VLLM_CPU_OMP_THREADS_BIND`), which are vLLM's to change.
-    """
-    if not hasattr(os, "sched_getaffinity"):
-        return frozenset()  # not Linux: no thread affinity to read (or to set, see server/cpus.py)
-    inherited = frozenset(os.sched_getaffinity(0))
-    pinned: set[int] = set()
-    for process in psutil.Process().children(recursive=True):
-        try:
-            threads = process.threads()
-        except psutil.Error:
-            continue  # the process ended meanwhile
-        for thread in threads:
-            try:
-                mask = frozenset(os.sched_getaffinity(thread.id))
-            except OSError:
-                continue
-            if mask < inherited:
-                pinned |= mask
-    return frozenset(pinned)
 
 
 def _sampling_params(params: DecodeParams) -> SamplingParams:
