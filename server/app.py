@@ -138,8 +138,8 @@ class BankLoader:
 async def _start(settings: ServeSettings) -> _Running:
     folder = resolve(settings.model, settings.models_dir)
     torch.set_num_threads(settings.torch_threads)
-    loader = BankLoader(folder, settings.banks_dir, settings.default_bank, settings.selection_layers,
-                        selection_device(settings.selection_device))
+    device = selection_device(settings.selection_device)
+    loader = BankLoader(folder, settings.banks_dir, settings.default_bank, settings.selection_layers, device)
     bank_set = asyncio.create_task(asyncio.to_thread(loader))
     name = settings.served_model_name or folder.name
     config = EngineConfig(
@@ -149,6 +149,7 @@ async def _start(settings: ServeSettings) -> _Running:
         max_model_len=settings.max_model_len,
         kv_cache_gib=settings.kv_cache_gib,
         enforce_eager=settings.enforce_eager,
+        caller_uses_cuda=device.startswith("cuda"),
         options=settings.engine_options,
     )
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,8 @@ class EngineConfig:
     max_model_len: int | None = None
     kv_cache_gib: float = 1.0
     enforce_eager: bool = True
+    caller_uses_cuda: bool = False
+    """This process initialises CUDA itself (the selection pass on the GPU), maybe while vLLM starts."""
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -157,6 +160,10 @@ class Engine:
             enable_prompt_embeds=True,
             **config.options,
         )
+        if config.caller_uses_cuda:
+            # vLLM forks its engine core unless CUDA is already initialised when it checks; a CUDA context made
+            # by another thread of this process after that check would leave a forked child unable to use CUDA.
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         llm = AsyncLLM.from_engine_args(args)
         table = embedding_weight(config.model)
         return cls(llm, table, llm.model_config.max_model_len, pinned_by_children())
