@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -50,7 +50,8 @@ from server.serve_settings import ServeSettings
 INPUT_TOKENS, OUTPUT_TOKENS, MAX_MODEL_LEN = 128, 64, 512
 EMBED_KEY, HEAD_KEY = "model.embed_tokens.weight", "lm_head.weight"
 
-Run = Callable[[int, list[int], bool], "asyncio.Future[list[int]]"]
+Run = Callable[[int, list[int], bool], Awaitable[list[int]]]
+"""Decode input i (its prompt is i mod K) and return the generated token ids; `echo` asks the lm-eval payload."""
 
 
 def virtual_token_model(folder: Path, bank: PromptBank, out: Path) -> int:
