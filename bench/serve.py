@@ -9,10 +9,15 @@ idp-serve keeps its own threads off the cores vLLM pins its workers to (server/c
 not. `--pin-stock` adds a third run, the stock server with its API process pinned the same way (with `taskset`
 semantics, from outside), so the table also shows what is left of the overhead once both are placed alike.
 
-Workload: 128-token prompts cut from held-out news text, 64 output tokens (ignore_eos), greedy, at concurrency
-1, 8 and 32. Printed: output throughput and p50/p95 request latency of each server, and the ratios IDP / stock.
+Workload: 128-token prompts cut from the Lee news text (held-out articles first, then the background ones), 64
+output tokens (ignore_eos), greedy, at concurrency 1, 8 and 32. Every request of the run has its own input by
+default: vLLM's prefix cache (on in both servers) would otherwise skip most of a repeated input's prefill in
+both, and idp-serve would still pay its selection pass. `--input-pool N` cycles through N inputs instead (the
+repeated-traffic case; earlier versions of this script cycled through the 39 held-out blocks). Printed: output
+throughput and p50/p95 request latency of each server, and the ratios IDP / stock.
 
     python bench/serve.py [--concurrency 1 8 32] [--requests-per-level 4] [--bank default] [--pin-stock]
+                          [--input-pool N]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from transformers import AutoTokenizer
 
 from server.banks import load_bank
 from server.config import Settings
-from server.corpus import lee_heldout, token_blocks
+from server.corpus import lee_heldout, lee_train, token_blocks
 from server.cpus import frontend_cpus, pin_process, pinned_by_children
 from server.models import embedding_weight, resolve
 from server.serve_settings import ServeSettings
@@ -123,13 +128,21 @@ def main() -> None:
     parser.add_argument("--bank", default="default")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--pin-stock", action="store_true", help="also run the stock server pinned like ours")
+    parser.add_argument("--input-pool", type=int, default=None,
+                        help="cycle through this many distinct inputs (default: a new input for every request)")
     args = parser.parse_args()
 
     serve = ServeSettings()
     folder = resolve(serve.model, serve.models_dir)
     bank = load_bank(serve.banks_dir / args.bank)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    blocks = token_blocks(tokenizer, lee_heldout(Settings().data_dir), PROMPT_TOKENS)
+    data_dir = Settings().data_dir
+    blocks = token_blocks(tokenizer, lee_heldout(data_dir) + lee_train(data_dir), PROMPT_TOKENS)
+    levels = [2] + [max(4, args.requests_per_level * c) for c in args.concurrency]  # warm-up, then each level
+    pool = args.input_pool or sum(levels)
+    if pool > len(blocks):
+        parser.error(f"{sum(levels)} distinct inputs wanted, the corpus has {len(blocks)}: lower the requests "
+                     "or pass --input-pool")
     table = embedding_weight(folder)
     static = bank.embeddings[0]
     common = {"max_tokens": OUTPUT_TOKENS, "temperature": 0, "ignore_eos": True}
@@ -137,9 +150,13 @@ def main() -> None:
     engine_flags = ["--dtype", args.dtype, "--max-model-len", "512", "--enforce-eager"]
     results: dict[str, dict[int, tuple[float, float, float]]] = {}
 
-    def workload(c: int, make) -> list[dict]:
-        n = max(4, args.requests_per_level * c)
-        return [make(blocks[i % len(blocks)]) for i in range(n)]
+    def workloads(make) -> list[list[dict]]:
+        """Request bodies of the warm-up and of each level: consecutive inputs of the pool, cycling within it."""
+        bodies, start = [], 0
+        for n in levels:
+            bodies.append([make(blocks[(start + i) % pool]) for i in range(n)])
+            start += n
+        return bodies
 
     stock_port, idp_port = free_port(), free_port()
     stock_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
@@ -160,16 +177,18 @@ def main() -> None:
     for label, (cmd, port, pin, make) in runs.items():
         print(f"starting {label} ...", file=sys.stderr)
         with running(cmd, port, logs / f"bench-serve-{port}.log", pin) as url:
-            asyncio.run(load(url, workload(1, make)[:2], 1))  # warm-up
+            warmup, *per_level = workloads(make)
+            asyncio.run(load(url, warmup, 1))
             results[label] = {}
-            for c in args.concurrency:
-                wall, latencies, tokens = asyncio.run(load(url, workload(c, make), c))
+            for c, bodies in zip(args.concurrency, per_level, strict=True):
+                wall, latencies, tokens = asyncio.run(load(url, bodies, c))
                 results[label][c] = (tokens / wall, percentile(latencies, 50), percentile(latencies, 95))
                 print(f"  {label} c={c}: {tokens / wall:.1f} tok/s", file=sys.stderr)
 
     print(f"\nmodel {folder.name}, bank {args.bank} (K={bank.k}, m={bank.m}), dtype {args.dtype}, "
           f"{PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens, "
-          f"{max(4, args.requests_per_level)} x concurrency requests per level\n")
+          f"{max(4, args.requests_per_level)} x concurrency requests per level, "
+          f"{'every input distinct' if args.input_pool is None else f'inputs cycled from a pool of {pool}'}\n")
     print(TABLE_HEAD)
     for baseline in [b for b in ("stock", "stock pinned") if b in results]:
         for c in args.concurrency:
