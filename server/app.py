@@ -162,7 +162,9 @@ async def _start(settings: ServeSettings) -> _Running:
     except BaseException:
         engine.shutdown()
         raise
-    queue = SelectionQueue(settings.selection_batch_size, settings.selection_wait_ms / 1000.0)
+    queue = SelectionQueue(
+        settings.selection_batch_size, settings.selection_wait_ms / 1000.0, settings.selection_cache_size
+    )
     queue.start()
     limits = Limits(settings.max_prompts, settings.max_n, settings.max_tokens_limit)
     serving = IdpServing(engine, name, str(folder), banks, queue, limits, loader)

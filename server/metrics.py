@@ -72,6 +72,12 @@ SELECTION_SECONDS = Histogram(
 SELECTION_BATCH = Histogram(
     "idp_selection_batch_size", "Inputs scored per selection pass.", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
+SELECTION_CACHE_QUERIES = Counter(
+    "idp_selection_cache_queries", "Inputs looked up in the selection cache (every dynamically selected input)."
+)
+SELECTION_CACHE_HITS = Counter(
+    "idp_selection_cache_hits", "Inputs whose selection was remembered from an earlier identical input (no pass)."
+)
 SELECTION_MARGIN = Histogram(
     "idp_selection_margin_ratio",
     "Best minus second-best prompt score per dynamically selected input (scores are fractions of the input's "
@@ -151,6 +157,13 @@ def selection_pass(results: Sequence[Selection]) -> None:
     Not labelled by bank: the queue batches by selector object, which a bank reload replaces, not by name."""
     SELECTION_SECONDS.observe(results[0].seconds)
     SELECTION_BATCH.observe(len(results))
+
+
+def selection_cache_lookup(hit: bool) -> None:
+    """One input was looked up in the selection cache; `hit`: its selection was remembered."""
+    SELECTION_CACHE_QUERIES.inc()
+    if hit:
+        SELECTION_CACHE_HITS.inc()
 
 
 # ----- HTTP ---------------------------------------------------------------------------------------------------

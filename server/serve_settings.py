@@ -46,6 +46,10 @@ class ServeSettings(Settings):
     selection_wait_ms: float = Field(
         2.0, ge=0, description="How long a selection pass waits for more requests to join its batch."
     )
+    selection_cache_size: int = Field(
+        4096, ge=0, description="Selections remembered for inputs seen before (LRU entries, about 100 bytes each; "
+        "0: off). An input repeated exactly skips the selection pass, as vLLM's prefix cache skips its prefill.",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(

@@ -254,6 +254,8 @@ def test_request_and_selection_metrics(live: LiveServer, tiny_llama: Path) -> No
     assert delta("idp_selection_duration_seconds_count") == len(passes) == 2
     assert delta("idp_selection_duration_seconds_sum") == pytest.approx(sum(passes) / 1000, abs=1e-6)
     assert delta("idp_selection_batch_size_sum") == 3
+    assert delta("idp_selection_cache_queries_total") == 3, "every dynamically selected input, and only those"
+    assert delta("idp_selection_cache_hits_total") == 0, "no input was seen before"
 
     assert delta("idp_requests_total", endpoint="completions", mode="dynamic") == 1
     assert delta("idp_requests_total", endpoint="completions", mode="forced") == 2
@@ -275,6 +277,26 @@ def test_request_and_selection_metrics(live: LiveServer, tiny_llama: Path) -> No
     assert delta("idp_http_requests_total", handler="other", status="404") == 1
     assert delta("idp_http_request_duration_seconds_count", handler="/v1/completions") == 7
     assert delta("idp_http_request_duration_seconds_count", handler="/v1/chat/completions") == 1
+
+
+def test_a_repeated_input_reuses_its_selection_and_counts_a_cache_hit(live: LiveServer, tiny_llama: Path) -> None:
+    model, text = tiny_llama.name, f"Asked again {uuid.uuid4().hex}"
+    before = scrape(live)
+    first = complete(live, model, prompt=text, max_tokens=1, idp={"bank": "m-alpha"})
+    again = complete(live, model, prompt=[text, text], max_tokens=1, idp={"bank": "m-alpha"})
+    after = scrape(live)
+
+    def delta(name: str) -> float:
+        return value(after, name) - value(before, name)
+
+    assert delta("idp_selection_cache_queries_total") == 3
+    assert delta("idp_selection_cache_hits_total") == 2
+    assert delta("idp_selection_duration_seconds_count") == 1, "one pass, for the first request"
+    chosen = first["choices"][0]["idp"]
+    for choice in again["choices"]:
+        assert {k: choice["idp"][k] for k in ("prompt", "scores", "margin")} == {
+            k: chosen[k] for k in ("prompt", "scores", "margin")}
+        assert choice["idp"]["selection_ms"] == 0.0, "no time was spent selecting it"
 
 
 def test_label_values_never_come_from_requests(live: LiveServer, tiny_llama: Path) -> None:

@@ -72,7 +72,10 @@ class IdpInfo(BaseModel):
     prompt: str | None = Field(None, description="Name of the soft prompt decoded before the input.")
     scores: dict[str, float] | None = Field(None, description="Selection score of every prompt of the bank.")
     margin: float | None = Field(None, description="Best score minus the second best.")
-    selection_ms: float | None = Field(None, description="Wall time of the selection pass this input was in.")
+    selection_ms: float | None = Field(
+        None, description="Wall time of the selection pass this input was in; 0 when the selection of an identical "
+        "earlier input was reused (the selection cache).",
+    )
 
 
 class StreamOptions(BaseModel):

@@ -8,16 +8,24 @@ fight over them). A pass that fails is retried input by input, so one bad input 
 
 Callers hand in the selector itself, not a bank name: a bank reload swaps the serving's whole bank set, and an
 input queued before the swap must still be scored by the selector of the bank its request planned with.
+
+Selections are remembered (an LRU of `cache_size` entries, keyed by selector and a digest of the token ids), as
+vLLM's prefix cache remembers prefills: an input seen before (a client's retry, an evaluation rerun, the same
+input twice in one batch) skips the pass. A remembered selection reports 0 seconds, the time this request spent
+on it. Keys hold the selector itself, so a reloaded bank never answers from its predecessor's entries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from server import metrics
@@ -30,19 +38,30 @@ class Selector(Protocol):
     def select(self, batch: Sequence[Sequence[int]]) -> list[Selection]: ...
 
 
+_Key = tuple[Selector, bytes]
+
+
+def _key(selector: Selector, token_ids: Sequence[int]) -> _Key:
+    """The cache key of an input: its selector and a 128-bit digest of its token ids (int64, so any id fits)."""
+    return selector, hashlib.blake2b(array("q", token_ids).tobytes(), digest_size=16).digest()
+
+
 @dataclass
 class _Pending:
     selector: Selector
     token_ids: list[int]
+    key: _Key
     future: asyncio.Future[Selection] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class SelectionQueue:
     """Select prompts for many inputs, batched across callers; `start` and `stop` belong to the app lifespan."""
 
-    def __init__(self, max_batch: int, wait_s: float) -> None:
+    def __init__(self, max_batch: int, wait_s: float, cache_size: int = 0) -> None:
         self._max_batch = max_batch
         self._wait_s = wait_s
+        self._cache_size = cache_size
+        self._cache: OrderedDict[_Key, Selection] = OrderedDict()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idp-selection")
         self._worker: asyncio.Task[None] | None = None
@@ -58,10 +77,33 @@ class SelectionQueue:
 
     async def select(self, selector: Selector, inputs: Sequence[Sequence[int]]) -> list[Selection]:
         """One `Selection` per input, in order, by `selector`; ValueError if an input cannot be scored."""
-        pending = [_Pending(selector, list(ids)) for ids in inputs]
-        for item in pending:
+        outcomes: list[Selection | asyncio.Future[Selection]] = []
+        for ids in inputs:
+            key = _key(selector, ids)
+            remembered = self._recall(key)
+            metrics.selection_cache_lookup(hit=remembered is not None)
+            if remembered is not None:
+                outcomes.append(replace(remembered, seconds=0.0))
+                continue
+            item = _Pending(selector, list(ids), key)
             self._queue.put_nowait(item)
-        return list(await asyncio.gather(*(item.future for item in pending)))
+            outcomes.append(item.future)
+        scored = iter(await asyncio.gather(*(o for o in outcomes if not isinstance(o, Selection))))
+        return [outcome if isinstance(outcome, Selection) else next(scored) for outcome in outcomes]
+
+    def _recall(self, key: _Key) -> Selection | None:
+        selection = self._cache.get(key)
+        if selection is not None:
+            self._cache.move_to_end(key)
+        return selection
+
+    def _remember(self, key: _Key, selection: Selection) -> None:
+        if self._cache_size == 0:
+            return
+        self._cache[key] = selection
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     async def _run(self) -> None:
         while True:
@@ -83,22 +125,29 @@ class SelectionQueue:
         return [item for item in batch if not item.future.done()]
 
     async def _select_bank(self, items: list[_Pending]) -> None:
+        """Score one bank's inputs in one pass (each distinct input once), settle every caller, remember them."""
         if not items:
             return
-        selector = items[0].selector
+        distinct = list({item.key: item for item in items}.values())
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, selector.select, [i.token_ids for i in items])
+            results = await loop.run_in_executor(
+                self._executor, items[0].selector.select, [item.token_ids for item in distinct]
+            )
         except Exception as error:  # noqa: BLE001 - isolate the culprit below
-            if len(items) == 1:
-                _settle(items[0], error=error)
+            if len(distinct) == 1:
+                for item in items:
+                    _settle(item, error=error)
                 return
-            for item in items:
-                await self._select_bank([item])
+            for item in distinct:
+                await self._select_bank([same for same in items if same.key == item.key])
             return
         metrics.selection_pass(results)
-        for item, result in zip(items, results, strict=True):
-            _settle(item, result=result)
+        by_key = {item.key: result for item, result in zip(distinct, results, strict=True)}
+        for key, result in by_key.items():
+            self._remember(key, result)
+        for item in items:
+            _settle(item, result=by_key[item.key])
 
 
 def _settle(item: _Pending, result: Selection | None = None, error: BaseException | None = None) -> None:
