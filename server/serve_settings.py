@@ -42,7 +42,10 @@ class ServeSettings(Settings):
         "auto", description="torch device of the selection pass: auto (the GPU when torch sees one, else cpu), "
         "cpu, cuda, cuda:1, ...",
     )
-    selection_batch_size: int = Field(16, ge=1, description="Most inputs scored in one selection pass.")
+    selection_batch_size: int | None = Field(
+        None, ge=1, description="Most inputs scored in one selection pass (default: 1 when the pass runs on CPU, "
+        "where batching saves little and delays the engine; 16 on a GPU).",
+    )
     selection_wait_ms: float = Field(
         2.0, ge=0, description="How long a selection pass waits for more requests to join its batch."
     )

@@ -47,3 +47,12 @@ def test_selection_device_auto_follows_torch_and_an_unusable_one_is_refused_at_s
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="selection_device 'cuda' is not usable here"):
             selection_device("cuda")
+
+
+def test_selection_batches_one_input_on_cpu_and_sixteen_on_a_gpu_unless_set() -> None:
+    from server.app import selection_batch_size
+
+    assert ServeSettings().selection_batch_size is None
+    assert selection_batch_size(None, "cpu") == 1, "compute-bound: a batch only delays its first inputs"
+    assert selection_batch_size(None, "cuda") == selection_batch_size(None, "cuda:1") == 16
+    assert selection_batch_size(4, "cpu") == 4

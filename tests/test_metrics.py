@@ -251,7 +251,7 @@ def test_request_and_selection_metrics(live: LiveServer, tiny_llama: Path) -> No
     assert delta("idp_selection_margin_ratio_sum", bank="m-alpha") == pytest.approx(
         sum(info["margin"] for info in selected), abs=1e-9)
     passes = {info["selection_ms"] for info in selected}  # inputs of one pass share its time
-    assert delta("idp_selection_duration_seconds_count") == len(passes) == 2
+    assert delta("idp_selection_duration_seconds_count") == len(passes)
     assert delta("idp_selection_duration_seconds_sum") == pytest.approx(sum(passes) / 1000, abs=1e-6)
     assert delta("idp_selection_batch_size_sum") == 3
     assert delta("idp_selection_cache_queries_total") == 3, "every dynamically selected input, and only those"
