@@ -12,6 +12,10 @@ For each input length n, bank size K and prompt length m, prints (in ms, medians
 
 One torch thread, float32, a batch of one request, random token ids and a bank whose rows are sampled from the
 model's embedding table. Run: `python bench/selection.py [--quick] [--tiny]`.
+
+`--batch-sizes 1 4 16` prints instead what batching buys per input: the selection time per 128-token input
+(K=4, m=16, every layer selecting) in batches of each size, and its ratio to a batch of one. It is what the
+server's default batch size on CPU rests on (server/app.py `selection_batch_size`).
 """
 
 from __future__ import annotations
@@ -98,16 +102,33 @@ def bench_row(
     return f"{n:>5} {k:>3} {m:>3} {times} {ratio:>6.2f}x {best_ratio:>8.2f}x {reference:>12}"
 
 
+def batch_rows(selection: PreTrainedModel, sizes: Sequence[int], repeats: int, n: int = 128) -> list[str]:
+    """Median selection time per input of batches of each size, and its ratio to the first size."""
+    embeddings = selection.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(n)
+    selector = CachedSelector(selection, embeddings[torch.randint(embeddings.shape[0], (4, 16), generator=generator)])
+    batches = [torch.randint(embeddings.shape[0], (size, n), generator=generator).tolist() for size in sizes]
+    times = timings([lambda batch=batch: selector.scores(batch) for batch in batches], repeats)
+    per_input = [statistics.median(t) / size for t, size in zip(times, sizes, strict=True)]
+    return [f"{size:>5} {1000 * cost:>13.1f} {cost / per_input[0]:>6.2f}x" for size, cost in zip(sizes, per_input)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="n in (32, 128), K in (4, 16), m in (8, 32), 3 repeats")
     parser.add_argument("--tiny", action="store_true", help="a random tiny Llama instead of the real model")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per setting (default 5, quick 3)")
     parser.add_argument("--reference-max", type=int, default=256, help="largest K*m+n the reference is timed on")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="time batching instead (e.g. 1 4 16)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     plain, selection, name = tiny_models() if args.tiny else real_models()
+    if args.batch_sizes:
+        print(f"model: {name}; 1 thread, float32, 128-token inputs, K=4, m=16, median of {args.repeats or 5}")
+        print(f"{'batch':>5} {'ms per input':>13} {'ratio':>7}")
+        print("\n".join(batch_rows(selection, args.batch_sizes, args.repeats or 5)))
+        return
     lengths, banks = ((32, 128), (4, 16)) if args.quick else ((32, 128, 512), (4, 8, 16))
     repeats = args.repeats or (3 if args.quick else 5)
     print(

@@ -79,11 +79,11 @@ def selection_device(setting: str) -> str:
 def selection_batch_size(setting: int | None, device: str) -> int:
     """Most inputs per selection pass: the setting, else 1 on CPU and 16 on an accelerator.
 
-    On CPU the pass is compute-bound: a batch of 16 128-token inputs costs 0.257 s per input against 0.276 s one
-    at a time (SmolLM2-135M, one thread), while every input of a batch waits for the whole batch, and so does the
-    engine. When 32 clients arrive at once that wait is 4 s before the first decode; one at a time, the engine
-    prefills each input while the next is scored (bench/serve.py, c=32: 86.5 vs 99.0 tok/s). On a GPU a pass of
-    one input leaves the device mostly idle, so batching pays there."""
+    On CPU the pass is compute-bound: per 128-token input, batches of 4 cost 0.90x and batches of 16 1.06x of
+    one input alone (`python bench/selection.py --batch-sizes 1 4 16`), while every input of a batch waits for the
+    whole batch, and so does the engine. When 32 clients arrive at once, one at a time lets vLLM prefill each input
+    while the next is scored: `python bench/serve.py` at c=32 gave 93.7-98.0 tok/s, 75.2 with batches of 16
+    (stock vLLM 100-104). On a GPU a pass of one input leaves the device mostly idle, so batching pays there."""
     if setting is not None:
         return setting
     return 1 if torch.device(device).type == "cpu" else 16
