@@ -50,7 +50,7 @@ class ServeSettings(Settings):
         2.0, ge=0, description="How long a selection pass waits for more requests to join its batch."
     )
     selection_cache_size: int = Field(
-        4096, ge=0, description="Selections remembered for inputs seen before (LRU entries, about 100 bytes each; "
+        4096, ge=0, description="Selections remembered for inputs seen before (LRU entries, under 1 KB each; "
         "0: off). An input repeated exactly skips the selection pass, as vLLM's prefix cache skips its prefill.",
     )
     host: str = Field("127.0.0.1", description="Address to listen on.")

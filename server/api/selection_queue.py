@@ -1,10 +1,11 @@
 """Micro-batching of selection passes across concurrent requests, off the event loop.
 
-A selection pass is CPU torch work (one prefill of the inputs over the bank's cached prompt KV). Run inline it
-would stall every stream the event loop serves; run per request it would pay the per-pass overhead each time.
-So requests queue here, a single worker takes whatever arrived within `wait_s` (at most `max_batch` inputs),
-and runs one pass per bank in a single worker thread (torch work serialized: two passes on two cores only
-fight over them). A pass that fails is retried input by input, so one bad input never fails its neighbours.
+A selection pass is torch work (one prefill of the inputs over the bank's cached prompt KV). Run inline it
+would stall every stream the event loop serves. So requests queue here, a single worker takes whatever arrived
+within `wait_s` (at most `max_batch` inputs), and runs one pass per bank in a single worker thread (torch work
+serialized: two passes on two cores only fight over them). On a GPU batching amortizes each pass; on CPU the
+server sets `max_batch` to 1 (see server/app.py `selection_batch_size`). A pass that fails is retried input by
+input, so one bad input never fails its neighbours.
 
 Callers hand in the selector itself, not a bank name: a bank reload swaps the serving's whole bank set, and an
 input queued before the swap must still be scored by the selector of the bank its request planned with.
