@@ -163,8 +163,8 @@ def main() -> None:
     levels = [2] + [max(MIN_REQUESTS, args.requests_per_level * c) for c in args.concurrency]  # warm-up, levels
     pool = args.input_pool or sum(levels)
     if pool > len(blocks):
-        parser.error(f"{sum(levels)} distinct inputs wanted, the corpus has {len(blocks)}: lower the requests "
-                     "or pass --input-pool")
+        parser.error(f"{pool} distinct inputs wanted, the corpus has {len(blocks)}: lower the requests "
+                     "or --input-pool")
     table = embedding_weight(folder)
     static = bank.embeddings[0]
     common = {"max_tokens": OUTPUT_TOKENS, "temperature": 0, "ignore_eos": True}
