@@ -10,11 +10,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.compress import DEFAULT_SPEC, served_name
-from server.config import Settings
-from server.models import DEFAULT_BASE
-
-DEFAULT_SERVED = served_name(DEFAULT_BASE, DEFAULT_SPEC)
+from server.core.config import Settings
+from server.core.identity import DEFAULT_BASE, DEFAULT_MODEL
 
 Handler = Callable[[argparse.Namespace, Settings], None]
 
@@ -26,9 +23,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _prepare(args: argparse.Namespace, settings: Settings) -> None:
-    from server.compress import DEFAULT_SPEC, compress
-    from server.evaluate import record_perplexity
-    from server.models import prepare_base, read_card
+    from server.lab.compress import DEFAULT_SPEC, compress
+    from server.lab.evaluate import record_perplexity
+    from server.core.identity import read_card
+    from server.lab.convert import prepare_base
 
     base = prepare_base(settings.models_dir, settings.home / "packages")
     print(f"base model: {base}")
@@ -41,9 +39,9 @@ def _prepare(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _compress(args: argparse.Namespace, settings: Settings) -> None:
-    from server.compress import CompressionSpec, compress
-    from server.evaluate import record_perplexity
-    from server.models import resolve
+    from server.lab.compress import CompressionSpec, compress
+    from server.lab.evaluate import record_perplexity
+    from server.core.identity import resolve
 
     spec = CompressionSpec(
         method=args.method, bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
@@ -58,8 +56,8 @@ def _compress(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> None:
-    from server.models import resolve
-    from server.train import BankPlan, TrainSpec, build_and_save
+    from server.core.identity import resolve
+    from server.lab.train import BankPlan, TrainSpec, build_and_save
 
     spec = TrainSpec(
         objective=args.objective, num_virtual_tokens=args.num_virtual_tokens, steps=args.steps, lr=args.lr,
@@ -78,7 +76,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> None:
 
 def _eval_inputs(args: argparse.Namespace, settings: Settings) -> dict:
     """The arguments `evaluate_all` and `analyse` share, resolved to folders."""
-    from server.models import resolve
+    from server.core.identity import resolve
 
     return {
         "base_dir": resolve(args.base, settings.models_dir), "compressed_dir": resolve(args.model, settings.models_dir),
@@ -89,8 +87,8 @@ def _eval_inputs(args: argparse.Namespace, settings: Settings) -> dict:
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> None:
-    from server.evaluate import evaluate_all
-    from server.report import write_report
+    from server.lab.evaluate import evaluate_all
+    from server.lab.report import write_report
 
     result = evaluate_all(**_eval_inputs(args, settings), samples=args.bootstrap, server_url=args.server_url,
                           server_limit=args.server_limit)
@@ -98,8 +96,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _attention(args: argparse.Namespace, settings: Settings) -> None:
-    from server.analysis import analyse
-    from server.report import write_attention
+    from server.lab.analysis import analyse
+    from server.lab.report import write_attention
 
     rows = analyse(**_eval_inputs(args, settings))
     print(write_attention(rows, args.out, "idp-serve " + shlex.join(sys.argv[1:])))
@@ -114,7 +112,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _eval_common(parser: argparse.ArgumentParser, tasks_help: str, limit: int) -> None:
     _common(parser)
-    parser.add_argument("--model", default=DEFAULT_SERVED, help="the compressed model")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the compressed model")
     parser.add_argument("--base", default=DEFAULT_BASE, help="the uncompressed model (and the LoRA's KD teacher)")
     parser.add_argument("--bank", type=Path, default=Path("prompt_banks/default"), help="the IDP bank folder")
     parser.add_argument("--single", type=Path, default=Path("prompt_banks/single"), help="the single-prompt bank")
@@ -149,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a prompt bank (or a single prompt) against a compressed model")
     _common(train)
     train.add_argument("--mode", choices=["single", "curated", "joint"], default="curated")
-    train.add_argument("--model", default=DEFAULT_SERVED, help="the compressed model the prompts repair")
+    train.add_argument("--model", default=DEFAULT_MODEL, help="the compressed model the prompts repair")
     train.add_argument("--teacher", default="smollm2-135m-instruct", help="uncompressed model (objective kd)")
     train.add_argument("--objective", choices=["lm", "kd"], default="kd")
     train.add_argument("--bank", default="default", help="bank name (its folder under --banks-dir)")
@@ -183,15 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(argv: list[str]) -> None:
     """`idp-serve serve [flags] [-- vLLM engine flags]`: flags and IDP_* env come from ServeSettings itself."""
-    from server.serve_settings import ServeSettings
+    from server.online.settings import ServeSettings
 
     ours, engine_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     settings = ServeSettings(_cli_parse_args=ours, _cli_kebab_case=True, _cli_prog_name="idp-serve serve")
     if engine_flags:
-        from server.engine import engine_options_from_cli
+        from server.online.engine import engine_options_from_cli
 
         settings.engine_options |= engine_options_from_cli(engine_flags)
-    from server.app import run
+    from server.online.app import run
 
     run(settings)
 

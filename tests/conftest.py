@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from server.compress import DEFAULT_SPEC, served_name
-from server.config import Settings
-from server.models import DEFAULT_BASE
+from server.core.config import Settings
+from server.core.identity import DEFAULT_BASE, DEFAULT_MODEL
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +32,7 @@ def base_model(settings: Settings) -> Path:
 @pytest.fixture(scope="session")
 def served_model(settings: Settings) -> Path:
     """The embedded default compressed variant, in the form vLLM's CPU build serves."""
-    return _prepared(settings.models_dir / served_name(DEFAULT_BASE, DEFAULT_SPEC))
+    return _prepared(settings.models_dir / DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")

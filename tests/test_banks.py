@@ -15,20 +15,19 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from server.banks import (
+from server.core.banks import (
     MANIFEST_FILE,
     TENSOR_FILE,
     BankError,
     PromptBank,
     bank_dir,
-    export_peft,
-    import_peft,
     list_banks,
     load_bank,
     make_bank,
     save_bank,
 )
-from server.models import Fingerprint, fingerprint
+from server.core.identity import Fingerprint, fingerprint
+from server.lab.peft_interop import export_peft, import_peft
 
 HIDDEN = 64
 REAL_MODEL = Path.home() / ".cache" / "idp-serve" / "models" / "smollm2-135m-instruct"

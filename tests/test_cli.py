@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from server.engine import engine_options_from_cli
-from server.serve_settings import ServeSettings
+from server.online.engine import engine_options_from_cli
+from server.online.settings import ServeSettings
 
 
 def test_help_lists_every_subcommand() -> None:
@@ -38,7 +38,7 @@ def test_serve_settings_come_from_flags_over_environment(monkeypatch: pytest.Mon
 def test_selection_device_auto_follows_torch_and_an_unusable_one_is_refused_at_start() -> None:
     import torch
 
-    from server.app import selection_device
+    from server.online.app import selection_device
 
     assert selection_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert selection_device("cpu") == "cpu"
@@ -50,7 +50,7 @@ def test_selection_device_auto_follows_torch_and_an_unusable_one_is_refused_at_s
 
 
 def test_selection_batches_one_input_on_cpu_and_sixteen_on_a_gpu_unless_set() -> None:
-    from server.app import selection_batch_size
+    from server.online.app import selection_batch_size
 
     assert ServeSettings().selection_batch_size is None
     assert selection_batch_size(None, "cpu") == 1, "compute-bound: a batch only delays its first inputs"

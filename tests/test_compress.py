@@ -14,10 +14,10 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from server.cli import main
-from server.compress import CompressionSpec, compress
-from server.config import Settings
-from server.evaluate import load_model
-from server.models import read_card
+from server.lab.compress import CompressionSpec, compress
+from server.core.config import Settings
+from server.lab.loading import load_model
+from server.core.identity import read_card
 from tests.vllm_generate import generate
 
 TINY_CALIBRATION = {"calibration_samples": 4, "calibration_len": 64}

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server.cpus import frontend_cpus, own_cpus, pin_process, pinned_by_children
+from server.online.cpus import frontend_cpus, own_cpus, pin_process, pinned_by_children
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and 2 CPUs"

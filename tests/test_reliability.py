@@ -7,7 +7,7 @@
 - Security: API key (Bearer, /health and /metrics open), CORS off unless configured, no pickle, bank names
   confined to the banks directory, the key never in settings' repr or in logs.
 - Bank reload under load is atomic, and a bad bank is refused while the old set keeps serving.
-- Slow: the load test (bench/load.py, short), and `server.app.run` in its own process: SIGHUP reloads its banks,
+- Slow: the load test (bench/load.py, short), and `server.online.app.run` in its own process: SIGHUP reloads its banks,
   and when its engine dies /health is 503 at once, in-flight requests fail, and the process exits with status 3
   so its supervisor restarts it.
 One in-process server for the module; the process test starts its own (it kills the engine).
@@ -40,10 +40,10 @@ from schemathesis.checks import not_a_server_error
 from transformers import AutoTokenizer
 
 from bench.load import load_inputs, offline_selection, process_rss, run_load
-from server.app import EXIT_ENGINE_DEAD, create_app
-from server.banks import BankError, PromptBank, bank_dir, check_name, make_bank, save_bank
-from server.models import fingerprint
-from server.serve_settings import ServeSettings
+from server.online.app import EXIT_ENGINE_DEAD, create_app
+from server.core.banks import BankError, PromptBank, bank_dir, check_name, make_bank, save_bank
+from server.core.identity import fingerprint
+from server.online.settings import ServeSettings
 from tests.test_server import LiveServer, random_bank
 
 API_KEY = "sk-test-3f9a1c0e-do-not-log"
@@ -385,7 +385,7 @@ def _engine_core(pid: int) -> psutil.Process:
 @pytest.mark.slow
 def test_process_reloads_on_sighup_and_exits_when_the_engine_dies(tiny_llama: Path, tmp_path: Path,
                                                                   banks: list[PromptBank]) -> None:
-    """`server.app.run` in its own process, as Kubernetes runs it. SIGHUP reloads the banks. Then the engine core
+    """`server.online.app.run` in its own process, as Kubernetes runs it. SIGHUP reloads the banks. Then the engine core
     is killed mid-decode: /health is 503 within a second or two, in-flight requests (plain and streamed) end with
     an error instead of hanging, new ones get 503, and after engine_death_exit_s the process exits with status 3
     for its supervisor to restart it."""
@@ -397,7 +397,7 @@ def test_process_reloads_on_sighup_and_exits_when_the_engine_dies(tiny_llama: Pa
     env = {**os.environ, "IDP_HOME": str(tmp_path), "IDP_MODEL": str(tiny_llama),
            "IDP_BANKS_DIR": str(tmp_path / "banks"), "IDP_PORT": str(port), "IDP_MAX_MODEL_LEN": "512",
            "IDP_DTYPE": "float32", "IDP_LOG_LEVEL": "warning", "IDP_ENGINE_DEATH_EXIT_S": "3"}
-    code = "from server.app import run; from server.serve_settings import ServeSettings; run(ServeSettings())"
+    code = "from server.online.app import run; from server.online.settings import ServeSettings; run(ServeSettings())"
     log = tmp_path / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT,

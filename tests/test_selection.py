@@ -20,8 +20,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from server.config import Settings
-from server.selection import (
+from server.core.config import Settings
+from server.core.selection import (
     QUERY_BLOCK,
     CachedSelector,
     ReferenceSelector,

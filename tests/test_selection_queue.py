@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.api.selection_queue import SelectionQueue
-from server.selection import CachedSelector, Selection, prepare_selection_model
+from server.online.selection_queue import SelectionQueue
+from server.core.selection import CachedSelector, Selection, prepare_selection_model
 
 VOCAB = 128
 

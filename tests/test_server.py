@@ -28,11 +28,11 @@ import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.app import create_app
-from server.banks import PromptBank, make_bank, save_bank
-from server.models import embedding_weight, fingerprint
-from server.selection import CachedSelector, load_selection_model
-from server.serve_settings import ServeSettings
+from server.online.app import create_app
+from server.core.banks import PromptBank, make_bank, save_bank
+from server.core.identity import embedding_weight, fingerprint
+from server.core.selection import CachedSelector, load_selection_model
+from server.online.settings import ServeSettings
 
 pytestmark = pytest.mark.slow
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from server.banks import load_bank
+from server.core.banks import load_bank
 from server.cli import main
-from server.config import Settings
-from server.evaluate import load_model
-from server.models import fingerprint
-from server.train import (
+from server.core.config import Settings
+from server.lab.loading import load_model
+from server.core.identity import fingerprint
+from server.lab.train import (
     BankPlan,
     Checkpoint,
     Models,

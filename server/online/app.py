@@ -34,17 +34,18 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from transformers import PreTrainedModel
 
-from server import __version__, cpus, metrics
-from server.api.errors import ApiError, install_error_handlers
-from server.api.middleware import ApiKey, BodyLimit
-from server.api.router import router
-from server.api.selection_queue import SelectionQueue
-from server.api.serving import BankSet, IdpServing, Limits
-from server.banks import BankError, PromptBank, list_banks, load_bank
-from server.engine import Engine, EngineConfig
-from server.models import Fingerprint, fingerprint, read_card, resolve
-from server.selection import CachedSelector, load_selection_model
-from server.serve_settings import ServeSettings
+from server import __version__
+from server.online import cpus, metrics
+from server.online.api.errors import ApiError, install_error_handlers
+from server.online.api.middleware import ApiKey, BodyLimit
+from server.online.api.router import router
+from server.online.selection_queue import SelectionQueue
+from server.online.api.serving import BankSet, IdpServing, Limits
+from server.core.banks import BankError, PromptBank, list_banks, load_bank
+from server.online.engine import Engine, EngineConfig
+from server.core.identity import Fingerprint, fingerprint, read_card, resolve
+from server.core.selection import CachedSelector, load_selection_model
+from server.online.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 

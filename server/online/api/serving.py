@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from server import metrics
-from server.api.errors import ApiError, invalid, model_not_found, unavailable
-from server.api.protocol import (
+from server.online import metrics
+from server.online.api.errors import ApiError, invalid, model_not_found, unavailable
+from server.online.api.protocol import (
     AssistantMessage,
     BankCard,
     ChatChoice,
@@ -54,9 +54,9 @@ from server.api.protocol import (
     TopLogprob,
     Usage,
 )
-from server.api.selection_queue import SelectionQueue, Selector
-from server.banks import PromptBank
-from server.engine import (
+from server.online.selection_queue import SelectionQueue, Selector
+from server.core.banks import PromptBank
+from server.online.engine import (
     ChoiceDelta,
     DecodeOutput,
     DecodeParams,

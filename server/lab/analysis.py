@@ -21,9 +21,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
-from server.evaluate import Method, eval_examples, load_methods, lora_method
-from server.selection import SELECTION_ATTENTION
-from server.tasks import TASKS
+from server.lab.evaluate import Method, eval_examples, load_methods, lora_method
+from server.core.selection import SELECTION_ATTENTION
+from server.lab.tasks import TASKS
 
 
 def eager(model: PreTrainedModel) -> PreTrainedModel:

@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from server import metrics
-from server.selection import Selection
+from server.online import metrics
+from server.core.selection import Selection
 
 logger = logging.getLogger(__name__)
 

@@ -16,17 +16,16 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 
-from server.compress import DEFAULT_SPEC, served_name
-from server.config import Settings
-from server.models import DEFAULT_BASE
+from server.core.config import Settings
+from server.core.identity import DEFAULT_MODEL
 
-REPO_BANKS = Path(__file__).resolve().parents[1] / "prompt_banks"
+REPO_BANKS = Path(__file__).resolve().parents[2] / "prompt_banks"
 
 
 class ServeSettings(Settings):
-    """What the server serves and how; read once at start-up, then handed to `server.app.create_app`."""
+    """What the server serves and how; read once at start-up, then handed to `server.online.app.create_app`."""
 
-    model: str = Field(served_name(DEFAULT_BASE, DEFAULT_SPEC), description="Model folder, or a model name under models_dir.")
+    model: str = Field(DEFAULT_MODEL, description="Model folder, or a model name under models_dir.")
     served_model_name: str | None = Field(
         None, description="The name clients send as `model` (default: the model folder's name)."
     )

@@ -37,9 +37,9 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from server.banks import PromptBank
-from server.cpus import pinned_by_children
-from server.models import embedding_weight
+from server.core.banks import PromptBank
+from server.online.cpus import pinned_by_children
+from server.core.identity import embedding_weight
 
 VLLM_VERSION: str = vllm.__version__
 PLACEHOLDER_TOKEN_ID = 0

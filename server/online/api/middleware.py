@@ -13,7 +13,7 @@ from http import HTTPStatus
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import ApiError
+from server.online.api.errors import ApiError
 
 
 class BodyLimit:

@@ -25,13 +25,13 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, generat
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from server.banks import PromptBank
-    from server.selection import Selection
+    from server.core.banks import PromptBank
+    from server.core.selection import Selection
 
 ENDPOINTS = ("completions", "chat")
-"""`endpoint` label values: the generation endpoints, as server.api.serving names them."""
+"""`endpoint` label values: the generation endpoints, as server.online.api.serving names them."""
 MODES = ("dynamic", "forced", "none")
-"""`mode` label values: the IDP modes of server.api.protocol."""
+"""`mode` label values: the IDP modes of server.online.api.protocol."""
 NO_BANK = ""
 """Bank and prompt label value of inputs decoded without a soft prompt (mode none). Empty, because an empty label
 is Prometheus' 'no value' and no bank or prompt can have an empty name (any other string could be a bank's)."""

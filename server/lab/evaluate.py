@@ -23,30 +23,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
-from server.banks import PromptBank, load_bank
-from server.corpus import SOURCES, lee_heldout, source_texts, token_blocks
-from server.models import fingerprint
-from server.selection import CachedSelector, prepare_selection_model
-from server.tasks import TASKS, Example, task_split
-from server.train import Models, TrainSpec, batch_stream, freeze, loss_summary, prompt_loss, source_blocks
+from server.core.banks import PromptBank, load_bank
+from server.lab.corpus import SOURCES, lee_heldout, source_texts, token_blocks
+from server.core.identity import fingerprint
+from server.core.selection import CachedSelector, prepare_selection_model
+from server.lab.loading import load_model
+from server.lab.tasks import TASKS, Example, task_split
+from server.lab.train import Models, TrainSpec, batch_stream, freeze, loss_summary, prompt_loss, source_blocks
 
 if TYPE_CHECKING:
     import httpx
 
 HELDOUT_BLOCKS = 8
 HELDOUT_LEN = 256
-
-
-def load_model(folder: Path) -> PreTrainedModel:
-    """A float32 eval-mode transformers model (compressed-tensors checkpoints are dequantized on load)."""
-    kwargs: dict = {"dtype": torch.float32}
-    if "quantization_config" in (folder / "config.json").read_text():
-        from transformers.utils.quantization_config import CompressedTensorsConfig
-
-        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 
 def heldout_blocks(folder: Path, data_dir: Path) -> torch.Tensor:
@@ -77,7 +68,7 @@ def perplexity(model: PreTrainedModel, blocks: torch.Tensor, prompt: torch.Tenso
 
 def record_perplexity(folder: Path, data_dir: Path) -> float:
     """Measure a model folder's held-out perplexity and keep it in its model card (twin included)."""
-    from server.models import read_card, write_card
+    from server.core.identity import read_card, write_card
 
     ppl = perplexity(load_model(folder), heldout_blocks(folder, data_dir))
     for path in {folder} | ({folder.parent / card.twin} if (card := read_card(folder)) and card.twin else set()):

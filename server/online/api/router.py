@@ -7,9 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server import __version__, metrics
-from server.api.errors import ErrorResponse, unavailable
-from server.api.protocol import (
+from server import __version__
+from server.online import metrics
+from server.online.api.errors import ErrorResponse, unavailable
+from server.online.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -17,8 +18,8 @@ from server.api.protocol import (
     ModelIdp,
     ModelList,
 )
-from server.api.serving import IdpServing, Served
-from server.engine import VLLM_VERSION
+from server.online.api.serving import IdpServing, Served
+from server.online.engine import VLLM_VERSION
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
 IDP_HEADERS = {
@@ -34,7 +35,7 @@ router = APIRouter()
 
 
 def _serving(request: Request) -> IdpServing:
-    """The app's `IdpServing`, created in the lifespan (see server.app)."""
+    """The app's `IdpServing`, created in the lifespan (see server.online.app)."""
     return request.app.state.serving
 
 

@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from server.corpus import lee_train, token_blocks
-from server.models import ModelCard, ModelError, folder_bytes, read_card, save_clean, write_card
+from server.lab.corpus import lee_train, token_blocks
+from server.core.identity import ModelCard, ModelError, folder_bytes, read_card, write_card
+from server.lab.convert import save_clean
 
 Method = Literal["gptq", "sparsegpt", "wanda"]
 CPU_QUANT_BITS = frozenset({4})
@@ -81,7 +82,7 @@ def check_group_size(base: Path, spec: CompressionSpec) -> None:
     """Refuse a group size that does not divide the model's linear input widths (llm-compressor fails late)."""
     if spec.method != "gptq":
         return
-    from server.models import text_config
+    from server.core.identity import text_config
 
     config = text_config(base)
     for key in ("hidden_size", "intermediate_size"):
@@ -167,7 +168,7 @@ def _write_dense_twin(compressed: Path, twin: Path) -> None:
     """Decompress a compressed-tensors checkpoint through transformers and save it as a plain dense folder."""
     from transformers import AutoTokenizer
 
-    from server.evaluate import load_model
+    from server.lab.loading import load_model
 
     model = load_model(compressed)
     save_clean(model.state_dict(), model.config, AutoTokenizer.from_pretrained(compressed), twin)

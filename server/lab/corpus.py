@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from server.packages import extract_members
+from server.lab.packages import extract_members
 
 GENSIM = ("gensim", "4.4.0")
 
@@ -61,7 +61,7 @@ def source_texts(name: str, data_dir: Path, heldout: bool = False) -> list[str]:
 
     Task domains train on their tasks' train split and hold out the dev split; test splits never appear.
     """
-    from server.tasks import task_split
+    from server.lab.tasks import task_split
 
     if name not in SOURCES:
         raise ValueError(f"unknown data source {name!r}; known: {', '.join(SOURCES)}")

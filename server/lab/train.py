@@ -204,7 +204,7 @@ class BankPlan(BaseModel):
 def source_blocks(tokenizer, sources: tuple[str, ...], data_dir: Path, seq_len: int, heldout: bool,
                   limit: int | None = None) -> dict[str, torch.Tensor]:
     """Token blocks [N, seq_len] per data source (all that the text fills, or at most `limit`)."""
-    from server.corpus import source_texts, token_blocks
+    from server.lab.corpus import source_texts, token_blocks
 
     blocks = {name: token_blocks(tokenizer, source_texts(name, data_dir, heldout=heldout), seq_len)
               for name in sources}
@@ -236,7 +236,7 @@ def train_bank(models: Models, plan: BankPlan, spec: TrainSpec, train: dict[str,
             record[name] = loss_summary(losses)
         return torch.stack(trained), names, {"losses": record}
     assert router is not None, "joint training needs a selection model"
-    from server.selection import CachedSelector
+    from server.core.selection import CachedSelector
 
     def route(prompts: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         scores = CachedSelector(router, prompts).scores(ids.tolist())
@@ -264,7 +264,7 @@ def calibrate_layers(router: PreTrainedModel, prompts: torch.Tensor, train: dict
     each training example belongs to, so we pick the layer with the highest routing accuracy on (a few)
     training blocks, never on held-out ones, and keep all layers when no single layer beats them.
     """
-    from server.selection import CachedSelector
+    from server.core.selection import CachedSelector
 
     ids = torch.cat([blocks[:per_source] for blocks in train.values()]).tolist()
     labels = torch.arange(len(train)).repeat_interleave(per_source)
@@ -290,7 +290,7 @@ def measure_bank(models: Models, prompts: torch.Tensor, names: list[str], heldou
     Perplexity (the `lm` loss) whatever the training objective, so banks trained either way compare. IDP runs
     with the bank's selection layers (`layers`); `idp_all_layers` is the paper's all-layer rule for comparison.
     """
-    from server.selection import CachedSelector
+    from server.core.selection import CachedSelector
 
     out: dict[str, float] = {}
     if layers is not None:
@@ -332,10 +332,10 @@ def build_and_save(student_dir: Path, teacher_dir: Path | None, plan: BankPlan, 
     """
     from transformers import AutoTokenizer
 
-    from server.banks import bank_dir, load_bank, make_bank, save_bank
-    from server.evaluate import load_model
-    from server.models import fingerprint
-    from server.selection import load_selection_model
+    from server.core.banks import bank_dir, load_bank, make_bank, save_bank
+    from server.lab.loading import load_model
+    from server.core.identity import fingerprint
+    from server.core.selection import load_selection_model
 
     torch.manual_seed(spec.seed)
     if spec.objective == "kd" and teacher_dir is None:
