@@ -1,6 +1,6 @@
 """Two ways to have vLLM decode [soft prompt | input], measured against each other in one run.
 
-A. prompt_embeds (what idp-serve serves): `server.engine.Engine` sends [P_k | E(x)] as mixed-mode prompt embeds
+A. prompt_embeds (what idp-serve serves): `server.online.engine.Engine` sends [P_k | E(x)] as mixed-mode prompt embeds
    (placeholder ids for the m virtual positions, the real ids after them). Banks stay outside the model: hot
    reload, any number of banks, no copy of the weights.
 B. virtual tokens: a copy of the served model whose embedding table has K*m extra rows, the bank's prompts; the
@@ -40,12 +40,12 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from server.banks import PromptBank, load_bank
-from server.config import Settings
-from server.corpus import lee_heldout, token_blocks
-from server.engine import DecodeParams, Engine, EngineConfig, Prefix
-from server.models import resolve
-from server.serve_settings import ServeSettings
+from server.core.banks import PromptBank, load_bank
+from server.core.config import Settings
+from server.lab.corpus import lee_heldout, token_blocks
+from server.online.engine import DecodeParams, Engine, EngineConfig, Prefix
+from server.core.identity import resolve
+from server.online.settings import ServeSettings
 
 INPUT_TOKENS, OUTPUT_TOKENS, MAX_MODEL_LEN = 128, 64, 512
 EMBED_KEY, HEAD_KEY = "model.embed_tokens.weight", "lm_head.weight"

@@ -63,8 +63,8 @@ def offline_selection(model: Path, bank_folder: Path, inputs: Sequence[str]) -> 
     """Input -> the prompt name `CachedSelector` picks for it: what the server must report in dynamic mode."""
     from transformers import AutoTokenizer
 
-    from server.banks import load_bank
-    from server.selection import CachedSelector, load_selection_model
+    from server.core.banks import load_bank
+    from server.core.selection import CachedSelector, load_selection_model
 
     bank = load_bank(bank_folder)
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -323,7 +323,7 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     args = parser.parse_args()
 
-    from server.banks import bank_dir
+    from server.core.banks import bank_dir
 
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     card = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=30).json()["data"][0]

@@ -29,8 +29,8 @@ from itertools import product
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from server.config import Settings
-from server.selection import CachedSelector, ReferenceSelector, load_selection_model, prepare_selection_model
+from server.core.config import Settings
+from server.core.selection import CachedSelector, ReferenceSelector, load_selection_model, prepare_selection_model
 
 MODEL = "smollm2-135m-instruct"
 

@@ -41,12 +41,12 @@ import httpx
 import torch
 from transformers import AutoTokenizer
 
-from server.banks import load_bank
-from server.config import Settings
-from server.corpus import lee_heldout, lee_train, token_blocks
-from server.cpus import frontend_cpus, pin_process, pinned_by_children
-from server.models import embedding_weight, resolve
-from server.serve_settings import ServeSettings
+from server.core.banks import load_bank
+from server.core.config import Settings
+from server.lab.corpus import lee_heldout, lee_train, token_blocks
+from server.online.cpus import frontend_cpus, pin_process, pinned_by_children
+from server.core.identity import embedding_weight, resolve
+from server.online.settings import ServeSettings
 
 PROMPT_TOKENS, OUTPUT_TOKENS = 128, 64
 MIN_REQUESTS = 16

@@ -3,7 +3,7 @@
     python bench/variants.py smollm2-135m-instruct smollm2-135m-instruct-gptq-w3g64-dense ... [--limit 100]
 
 Prints one JSON line per model: accuracy on the first `limit` test examples of each task (log-likelihood
-scoring, `server.evaluate.mc_accuracy`). Held-out perplexity is in each model's card (`idp_model.json`).
+scoring, `server.lab.evaluate.mc_accuracy`). Held-out perplexity is in each model's card (`idp_model.json`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import json
 import torch
 from transformers import AutoTokenizer
 
-from server.config import Settings
-from server.evaluate import load_model, mc_accuracy
-from server.models import resolve
-from server.tasks import task_split
+from server.core.config import Settings
+from server.lab.evaluate import mc_accuracy
+from server.lab.loading import load_model
+from server.core.identity import resolve
+from server.lab.tasks import task_split
 
 
 def main() -> None:
