@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from server.core.identity import DEFAULT_MODEL
 from tests.helpers import DOCKERFILE, ROOT, dockerfile_instructions, stage_chain, tool_missing
 
 CHART = ROOT / "deploy" / "helm" / "idp-serve"
@@ -37,6 +38,8 @@ RELEASE, NAMESPACE = "idp", "llm"
 FULLNAME = "idp-idp-serve"
 # Kinds from CRDs (Prometheus Operator, KEDA), for which no schema ships: checked field by field below.
 CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
+# The APIs of those CRDs, as a cluster with both operators installed reports them to Helm.
+CRD_APIS = ["monitoring.coreos.com/v1/ServiceMonitor", "keda.sh/v1alpha1/ScaledObject"]
 
 
 def _module(name: str, package: str) -> ModuleType:
@@ -106,9 +109,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 }
 
 
-def render(chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+def render_files(chart, values: dict[str, Any], api_versions: list[str] | None = None) -> dict[str, str]:
+    """Template path -> rendered text, as `helm install` makes them in a cluster serving `api_versions` (default:
+    the CRDs' APIs) besides the built-in ones."""
+    from helm_python import _native  # Chart.render takes no api_versions; Helm's render options do
+
+    opts = {"name": RELEASE, "namespace": NAMESPACE, "is_install": True,
+            "api_versions": CRD_APIS if api_versions is None else api_versions}
+    return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts)))
+
+
+def render(chart, values: dict[str, Any], api_versions: list[str] | None = None) -> list[dict[str, Any]]:
     """The chart's objects for these values, as `helm template` would print them (NOTES.txt left out)."""
-    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    manifests = render_files(chart, values, api_versions)
     return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
             for doc in yaml.safe_load_all(text) if doc]
 
@@ -154,6 +167,13 @@ def test_values_pass_the_schema(scenario):
     ({"banks": {"source": "configMap"}}, "/banks/configMap/name"),
     ({"apiKey": {"value": "a", "existingSecret": "b"}}, "either value or existingSecret"),
     ({"autoscaling": {"enabled": True}, "keda": {"enabled": True}}, "enable one of them"),
+    # The chart-made ReadWriteOnce claim attaches to one node: a second pod elsewhere never starts.
+    ({"replicaCount": 2}, "ReadWriteOnce models claim the chart creates"),
+    ({"autoscaling": {"enabled": True, "maxReplicas": 3}}, "up to 3 replicas"),
+    ({"strategy": {"type": "RollingUpdate"}}, "strategy RollingUpdate with the ReadWriteOnce"),
+    # KEDA's default query needs the `service` label that only the ServiceMonitor's scrape adds.
+    ({"keda": {"enabled": True, "maxReplicaCount": 1}}, "enable serviceMonitor or set keda.prometheus.query"),
+    ({"preStopSleepSeconds": 60}, "preStopSleepSeconds must be shorter"),
 ])
 def test_render_refuses_bad_values(helm, chart, values, message):
     with pytest.raises(helm.HelmError, match=re.escape(message)):
@@ -206,6 +226,102 @@ def test_defaults_render_a_working_gpu_deployment(chart):
     assert server["command"] == ["idp-serve", "serve"] and "args" not in server
 
 
+def test_defaults_serve_the_model_the_image_banks_are_trained_for(chart):
+    """The default model is the server's default (a checkpoint vLLM's CUDA kernels load, docs/gpu.md), and every
+    bank shipped in the image is bound to it, so IDP is on from the first request."""
+    (server,) = by_kind(render(chart, {}))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    model = env_of(server)["IDP_MODEL"]
+    assert model == DEFAULT_MODEL
+    banks = sorted((ROOT / "prompt_banks").glob("*/bank.json"))
+    assert banks and {json.loads(b.read_text())["model"]["weights"] for b in banks} == {model}
+
+
+def test_defaults_use_the_gpu_as_a_gpu(chart):
+    """CUDA graphs on (eager decoding is the CPU default) and a KV cache sized for a GPU, not the CPU's 1 GiB."""
+    (server,) = by_kind(render(chart, {}))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = env_of(server)
+    assert env["IDP_ENFORCE_EAGER"] == "false"
+    assert float(env["IDP_KV_CACHE_GIB"]) >= 4
+
+
+def test_first_rollout_is_given_time_to_finish(chart):
+    """Image pull + modelInit + a startup probe that allows 600 s fit in the progress deadline (1200 s, as vLLM's
+    example chart and production-stack); Kubernetes' 600 s default would report a healthy first rollout failed."""
+    deployment = by_kind(render(chart, {}))["Deployment"]
+    probe = deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] == 600
+    assert deployment["spec"]["progressDeadlineSeconds"] == 1200
+
+
+def test_upgrades_recreate_the_pod_by_default(chart):
+    """With one GPU and a ReadWriteOnce claim a rolling update's new pod waits forever for the old one's GPU/claim."""
+    deployment = by_kind(render(chart, {}))["Deployment"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # An existing claim (e.g. ReadWriteMany) may roll, as the GPU-node example does.
+    rolling = {"strategy": {"type": "RollingUpdate"}, "replicaCount": 2,
+               "modelStorage": {"persistentVolumeClaim": {"existingClaim": "shared"}}}
+    assert by_kind(render(chart, rolling))["Deployment"]["spec"]["strategy"] == {"type": "RollingUpdate"}
+
+
+def test_server_keeps_serving_until_its_endpoint_is_removed(chart):
+    (server,) = by_kind(render(chart, {}))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert server["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "10"]}}
+    (server,) = by_kind(render(chart, {"preStopSleepSeconds": 0}))["Deployment"]["spec"]["template"]["spec"][
+        "containers"]
+    assert "lifecycle" not in server
+
+
+def test_image_tag_defaults_to_the_app_version(chart):
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    for values, flavour in (({}, "gpu"), ({"gpu": {"count": 0}}, "cpu")):
+        pod = by_kind(render(chart, values))["Deployment"]["spec"]["template"]["spec"]
+        assert pod["containers"][0]["image"] == f"idp-serve:{app_version}-{flavour}"
+        assert pod["initContainers"][0]["image"] == pod["containers"][0]["image"]
+    pod = by_kind(render(chart, {"image": {"tag": "dev"}}))["Deployment"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "idp-serve:dev"
+
+
+def test_model_init_image_without_a_tag(chart):
+    """A repository alone is a valid image reference (the registry's default tag), not "busybox:"."""
+    values = {"modelInit": {"image": {"repository": "registry.example.com/tools/prep"}}}
+    (init,) = by_kind(render(chart, values))["Deployment"]["spec"]["template"]["spec"]["initContainers"]
+    assert init["image"] == "registry.example.com/tools/prep"
+
+
+def test_crd_objects_only_where_the_cluster_serves_their_api(chart):
+    """ServiceMonitor and ScaledObject without their operators would fail the whole install; they are left out
+    and NOTES.txt says why."""
+    values = merge(example_values(), {})
+    assert {"ServiceMonitor", "ScaledObject"} <= set(by_kind(render(chart, values)))
+    files = render_files(chart, values, api_versions=[])
+    kinds = {doc["kind"] for path, text in files.items() if path.endswith(".yaml")
+             for doc in yaml.safe_load_all(text) if doc}
+    assert not kinds & CRD_KINDS
+    notes = files["idp-serve/templates/NOTES.txt"]
+    assert all(f"does not serve {api}" in notes.replace("\n", " ") for api in CRD_APIS)
+
+
+def test_keda_with_its_own_query_needs_no_service_monitor(chart):
+    query = 'sum(vllm:num_requests_waiting{namespace="llm",job="idp"})'
+    values = {"keda": {"enabled": True, "prometheus": {"query": query}},
+              "modelStorage": {"persistentVolumeClaim": {"existingClaim": "shared"}}}
+    objects = by_kind(render(chart, values))
+    assert "ServiceMonitor" not in objects
+    assert objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"] == query
+
+
+def test_packaged_chart_holds_what_its_readme_points_to(helm, tmp_path):
+    """`helm package` applies .helmignore; every chart file the README names must survive it."""
+    import tarfile
+
+    archive = helm.package(CHART, destination=tmp_path)
+    with tarfile.open(archive) as tar:
+        members = {name.split("/", 1)[1] for name in tar.getnames()}
+    readme = (CHART / "README.md").read_text()
+    named = set(re.findall(r"(examples/[\w.-]+\.yaml)", readme))
+    assert "examples/gpu-node.yaml" in named and named <= members
+
+
 def test_gpu_node_example(chart):
     objects = by_kind(render(chart, example_values()))
     assert {"ScaledObject", "ServiceMonitor", "PodDisruptionBudget"} <= set(objects)
@@ -219,8 +335,10 @@ def test_gpu_node_example(chart):
     (server,) = pod["containers"]
     assert server["args"] == ["--", "--max-num-seqs", "128"], "vLLM flags go after --"
     env = env_of(server)
-    assert env["IDP_MODEL"] == "smollm2-135m-instruct-gptq-w3g64" and env["IDP_DTYPE"] == "bfloat16"
-    assert env["IDP_BANKS_DIR"] == "/models/prompt_banks"
+    assert env["IDP_MODEL"] == DEFAULT_MODEL and env["IDP_DTYPE"] == "bfloat16"
+    # `prepare` fills the volume with models, never banks: the banks come from the image, trained for this model.
+    assert "IDP_BANKS_DIR" not in env
+    assert env["IDP_ENFORCE_EAGER"] == "false" and env["IDP_KV_CACHE_GIB"] == "20"
     assert env["IDP_API_KEY"] == {"secretKeyRef": {"name": "idp-serve-api-key", "key": "api-key"}}
     # The anti-affinity term selects this release's own pods.
     term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]

@@ -35,8 +35,49 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The server image: image.tag, else "<appVersion>-gpu" ("-cpu" when the pod gets no GPU), the tags the
+Dockerfile's targets are built with. */}}
 {{- define "idp-serve.image" -}}
-{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- $flavour := ternary "gpu" "cpu" (gt (int .Values.gpu.count) 0) }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default (printf "%s-%s" .Chart.AppVersion $flavour)) }}
+{{- end }}
+
+{{/* The init container's image: modelInit.image.repository[:tag] (no tag: the registry's default), else the
+server image. */}}
+{{- define "idp-serve.modelInitImage" -}}
+{{- with .Values.modelInit.image }}
+{{- if and .repository .tag }}{{ printf "%s:%s" .repository .tag }}
+{{- else if .repository }}{{ .repository }}
+{{- else }}{{ include "idp-serve.image" $ }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the cluster serves a CRD's API ("group/version/Kind"). `helm template` knows only built-in APIs
+unless given --api-versions; then the object is left out and NOTES.txt says so. */}}
+{{- define "idp-serve.hasAPI" -}}
+{{- if .root.Capabilities.APIVersions.Has .api }}true{{ end }}
+{{- end }}
+
+{{/* Values the chart refuses: combinations that render valid objects which then hang or never work. */}}
+{{- define "idp-serve.validate" -}}
+{{- $pvc := .Values.modelStorage.persistentVolumeClaim }}
+{{- $chartMadeRWO := and $pvc.enabled (not $pvc.existingClaim) (has "ReadWriteOnce" $pvc.accessModes) (not (has "ReadWriteMany" $pvc.accessModes)) }}
+{{- $maxReplicas := int .Values.replicaCount }}
+{{- if .Values.autoscaling.enabled }}{{ $maxReplicas = int .Values.autoscaling.maxReplicas }}{{ end }}
+{{- if .Values.keda.enabled }}{{ $maxReplicas = int .Values.keda.maxReplicaCount }}{{ end }}
+{{- if and $chartMadeRWO (gt $maxReplicas 1) }}
+{{- fail (printf "up to %d replicas cannot share the ReadWriteOnce models claim the chart creates (pods on other nodes never start): use modelStorage.persistentVolumeClaim.existingClaim with a ReadWriteMany/ReadOnlyMany claim, or one replica" $maxReplicas) }}
+{{- end }}
+{{- if and $chartMadeRWO (eq (default "RollingUpdate" .Values.strategy.type) "RollingUpdate") }}
+{{- fail "strategy RollingUpdate with the ReadWriteOnce models claim the chart creates hangs an upgrade whose new pod lands on another node: use strategy {type: Recreate} (the default) or an existing ReadWriteMany claim" }}
+{{- end }}
+{{- if and .Values.keda.enabled (not .Values.serviceMonitor.enabled) (not .Values.keda.prometheus.query) }}
+{{- fail "keda: the default query selects the `service` label only the chart's ServiceMonitor adds, so without it KEDA never scales: enable serviceMonitor or set keda.prometheus.query" }}
+{{- end }}
+{{- if and (gt (int .Values.preStopSleepSeconds) 0) (ge (int .Values.preStopSleepSeconds) (int .Values.terminationGracePeriodSeconds)) }}
+{{- fail "preStopSleepSeconds must be shorter than terminationGracePeriodSeconds, which counts the preStop delay too" }}
+{{- end }}
 {{- end }}
 
 {{/*
