@@ -1,6 +1,6 @@
 """Prompt selection: which soft prompt of a bank should repair this request (IDP's selection pass).
 
-The algorithm is fixed by shared/notes/idp-algorithm.md. For K prompts P_1..P_K of m virtual tokens and an input
+The algorithm is described in docs/idp-algorithm.md. For K prompts P_1..P_K of m virtual tokens and an input
 x_1..x_n, the score of prompt k is the attention mass the input tokens put on P_k's tokens, averaged over the
 selection layers, the heads and the input tokens, in the sequence [P_1 | ... | P_K | E(x)] where each prompt sits
 at positions 0..m-1 and sees only itself, and the input sits at positions m..m+n-1 and sees every prompt.
