@@ -236,7 +236,7 @@ def test_api_key_guards_all_but_open_paths(live: LiveServer, tiny_llama: Path,
         assert httpx.get(f"{live.url}/health").status_code == 200
         assert httpx.get(f"{live.url}/metrics").status_code == 200
     assert API_KEY not in caplog.text
-    assert API_KEY not in repr(live.app.state.serving.__dict__)
+    assert API_KEY not in repr({name: vars(part) for name, part in live.app.state._state.items()})
 
 
 def test_settings_hide_the_key_and_defaults_are_closed(tiny_llama: Path, tmp_path: Path) -> None:
@@ -373,7 +373,7 @@ def test_short_load(live: LiveServer, tiny_llama: Path, home: Path, banks: list[
     print(json.dumps(summary, indent=2))
     assert report.ok, summary
     assert all(report.counts[kind] > 0 for kind in report.counts), summary
-    processor = live.serving.engine.async_llm.output_processor
+    processor = live.engine.async_llm.output_processor
     assert processor.get_num_unfinished_requests() == 0
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.online.selection_queue import SelectionQueue
 from server.core.selection import CachedSelector, Selection, prepare_selection_model
+from server.online.selection_queue import SelectionQueue
 
 VOCAB = 128
 

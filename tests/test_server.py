@@ -70,8 +70,9 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     @property
-    def serving(self) -> Any:
-        return self.app.state.serving
+    def engine(self) -> Any:
+        """The server's `Engine` (server.online.engine), as the app lifespan made it."""
+        return self.app.state.engine
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -105,7 +106,7 @@ async def direct_greedy(live: LiveServer, prompt: dict[str, Any], max_tokens: in
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     last = None
-    async for out in live.serving.engine.async_llm.generate(prompt, params, f"direct-{uuid.uuid4().hex}"):
+    async for out in live.engine.async_llm.generate(prompt, params, f"direct-{uuid.uuid4().hex}"):
         last = out
     return last.outputs[0].text
 
@@ -163,7 +164,7 @@ def test_models_health_version_metrics(srv_live: LiveServer, tiny_llama: Path) -
 def test_server_threads_run_off_the_vllm_worker_cores(srv_live: LiveServer) -> None:
     """vLLM's CPU build pins its workers' threads; every thread of the server's process (here the test process,
     which serves from a thread) runs on the other CPUs, so HTTP and selection work never stall a decode step."""
-    workers = srv_live.serving.engine.worker_cpus
+    workers = srv_live.engine.worker_cpus
     assert workers, "vLLM's CPU build pins its workers' OpenMP threads"
     for tid in os.listdir("/proc/self/task"):
         assert os.sched_getaffinity(int(tid)).isdisjoint(workers), f"thread {tid} may run on a vLLM worker core"

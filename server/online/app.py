@@ -1,17 +1,20 @@
-"""The app factory and its lifespan: every piece of serving state is created here and torn down here.
+"""The app factory and its lifespan: the composition root, where every piece of serving state is created and
+torn down.
 
-Start-up order: resolve the model folder, load and verify the prompt banks against the model's fingerprint,
-then start vLLM while (in a thread) the selection model loads and each bank's prompt KV is computed; the two
-overlap because the engine core runs in its own process. A bank that fails verification stops the start: a
-server quietly missing a bank would answer differently from what its operator configured. The same loader
-serves `POST /admin/banks/reload` and SIGHUP, where a bank that fails is refused and the loaded set keeps serving.
+Start-up: resolve the model folder, then start vLLM while, in a thread, the prompt banks load and are verified
+against the model's fingerprint, the selection model loads and each bank's prompt KV is computed; the two overlap
+because the engine core runs in its own process. A bank that fails verification stops the start (the engine is
+shut down again): a server quietly missing a bank would answer differently from what its operator configured.
+The same loader serves `POST /admin/banks/reload` and SIGHUP, where a bank that fails is refused and the loaded
+set keeps serving (server/online/bank_registry.py). Where the selection pass runs and which CPUs the frontend
+uses is server/online/placement.py's policy.
 
-Engine death: vLLM does not restart a dead engine core in-process, and a half-alive server is the worst case for
-Kubernetes (it keeps routing traffic to it). So once the core dies, /health answers 503 at once, every in-flight
-request gets an error (vLLM fails them; streams get an error event), new requests get 503, and after
-`engine_death_exit_s` (time for those answers to go out and for probes to see 503) the app calls its
-`on_engine_death` hook; `run` makes that stop uvicorn and exit with status EXIT_ENGINE_DEAD, so the container
-restarts with a fresh engine.
+Fatal faults: vLLM does not restart a dead engine core in-process, the selection worker is not restarted either
+(the bug that killed it would again), and a half-alive server is the worst case for Kubernetes (it keeps routing
+traffic to it). So once either dies, /health answers 503 at once, the requests it fails get an error (5xx; streams
+get an error event), and after `engine_death_exit_s` (time for those answers to go out and for probes to see 503)
+the app calls its `on_fatal` hook; `run` makes that stop uvicorn and exit non-zero (EXIT_ENGINE_DEAD,
+EXIT_SELECTION_DEAD), so the container restarts fresh.
 
 Middleware, outermost first: HTTP metrics (so every answer is counted), CORS (only with `cors_origins`; it
 answers browser preflights), the API key (only with `api_key`), the body size limit; then FastAPI's routes.
@@ -32,62 +35,48 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from transformers import PreTrainedModel
 
 from server import __version__
-from server.online import cpus, metrics
-from server.online.api.errors import ApiError, install_error_handlers
+from server.core.banks import BankError
+from server.core.identity import read_card, resolve
+from server.online import metrics
+from server.online.api.errors import install_error_handlers
 from server.online.api.middleware import ApiKey, BodyLimit
 from server.online.api.router import router
-from server.online.selection_queue import SelectionQueue
-from server.online.api.serving import BankSet, IdpServing, Limits
-from server.core.banks import BankError, PromptBank, list_banks, load_bank
+from server.online.api.serving_base import Limits
+from server.online.api.serving_chat import ChatServing
+from server.online.api.serving_completion import CompletionServing
+from server.online.api.serving_models import ModelsServing
+from server.online.bank_registry import BankLoader, BankRegistry, require_banks
 from server.online.engine import Engine, EngineConfig
-from server.core.identity import Fingerprint, fingerprint, read_card, resolve
-from server.core.selection import CachedSelector, load_selection_model
+from server.online.placement import pin_frontend, selection_batch_size, selection_device
+from server.online.selection_queue import SelectionQueue
 from server.online.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
+EXIT_START_FAILED = 1
+"""Exit status of `run` when the app did not start (a bank refused, the engine failed to start, ...)."""
 EXIT_ENGINE_DEAD = 3
 """Exit status of `run` after the engine died (non-zero, so any supervisor restarts the process)."""
+EXIT_SELECTION_DEAD = 4
+"""Exit status of `run` after the selection worker died."""
 
 
 @dataclass
 class _Running:
-    serving: IdpServing
+    """What the lifespan started and must stop, and the servings it hands to the router."""
+
     engine: Engine
     selection: SelectionQueue
+    banks: BankRegistry
+    completion: CompletionServing
+    chat: ChatServing
+    models: ModelsServing
 
     async def stop(self) -> None:
         await self.selection.stop()
         self.engine.shutdown()
-
-
-def selection_device(setting: str) -> str:
-    """The torch device of the selection pass: `auto` is the GPU when torch sees one (vLLM's GPU build), else CPU.
-
-    An explicit device torch cannot use is refused here, at start-up, rather than on the first request."""
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.empty(0, device=setting)
-    except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"selection_device {setting!r} is not usable here: {error}") from error
-    return setting
-
-
-def selection_batch_size(setting: int | None, device: str) -> int:
-    """Most inputs per selection pass: the setting, else 1 on CPU and 16 on an accelerator.
-
-    On CPU the pass is compute-bound: per 128-token input, batches of 4 cost 0.90x and batches of 16 1.06x of
-    one input alone (`python bench/selection.py --batch-sizes 1 4 16`), while every input of a batch waits for the
-    whole batch, and so does the engine. When 32 clients arrive at once, one at a time lets vLLM prefill each input
-    while the next is scored: `python bench/serve.py` at c=32 gave 93.7-98.0 tok/s, 75.2 with batches of 16
-    (stock vLLM 100-104). On a GPU a pass of one input leaves the device mostly idle, so batching pays there."""
-    if setting is not None:
-        return setting
-    return 1 if torch.device(device).type == "cpu" else 16
 
 
 def serve_dtype(folder: Path) -> str:
@@ -96,64 +85,17 @@ def serve_dtype(folder: Path) -> str:
     return card.serve_dtype if card else "float32"
 
 
-def load_banks(banks_dir: Path, model: Fingerprint) -> dict[str, PromptBank]:
-    """Every bank under `banks_dir`, verified against the served model (BankError names the one at fault).
-
-    All or nothing, and so are its metrics: the banks are described (`idp_bank_info`, zeroed selection counts)
-    only once every one of them loaded, since a failed load leaves none of them serving."""
-    try:
-        banks = {name: load_bank(banks_dir / name, expect=model) for name in list_banks(banks_dir)}
-    except BankError:
-        metrics.bank_load_failed()
-        raise
-    for bank in banks.values():
-        metrics.bank_loaded(bank)
-    return banks
-
-
-def choose_default_bank(requested: str | None, banks: dict[str, PromptBank]) -> str | None:
-    """The configured default bank (which must exist), else the first by name, else None (IDP off by default)."""
-    if requested is not None and requested not in banks:
-        raise ValueError(f"default bank {requested!r} is not among the loaded banks {sorted(banks)}")
-    return requested or next(iter(sorted(banks)), None)
-
-
-class BankLoader:
-    """Builds a verified `BankSet` from the banks directory: at start-up and on every reload.
-
-    The selection model is loaded once, on the first non-empty bank set, and kept: it is the served model's, which
-    does not change while serving, and loading it is the slow part. Calls are serialized by their callers (start-up
-    runs once; IdpServing serializes reloads).
-    """
-
-    def __init__(self, folder: Path, banks_dir: Path, default_bank: str | None, layers: list[int] | None,
-                 device: str) -> None:
-        self._folder = folder
-        self._device = device
-        self._expect = fingerprint(folder)
-        self._banks_dir = banks_dir
-        self._default_bank = default_bank
-        self._layers = layers
-        self._model: PreTrainedModel | None = None
-
-    def __call__(self) -> BankSet:
-        """Every bank verified, the default resolved, one cached selector per bank; ValueError naming a fault."""
-        banks = load_banks(self._banks_dir, self._expect)
-        default = choose_default_bank(self._default_bank, banks)
-        if banks and self._model is None:
-            self._model = load_selection_model(self._folder, self._device)
-        selectors = {
-            name: CachedSelector(self._model, bank.embeddings, self._layers or bank.selection_layers)
-            for name, bank in banks.items()
-        }
-        return BankSet(banks, selectors, default)
+def _banks_required(settings: ServeSettings) -> bool:
+    """Whether the operator named the banks directory (flag or environment) rather than leaving the default."""
+    return "banks_dir" in settings.model_fields_set
 
 
 async def _start(settings: ServeSettings) -> _Running:
     folder = resolve(settings.model, settings.models_dir)
     torch.set_num_threads(settings.torch_threads)
     device = selection_device(settings.selection_device)
-    loader = BankLoader(folder, settings.banks_dir, settings.default_bank, settings.selection_layers, device)
+    loader = BankLoader(folder, settings.banks_dir, settings.default_bank, settings.selection_layers, device,
+                        required=_banks_required(settings))
     bank_set = asyncio.create_task(asyncio.to_thread(loader))
     name = settings.served_model_name or folder.name
     config = EngineConfig(
@@ -172,7 +114,7 @@ async def _start(settings: ServeSettings) -> _Running:
         await asyncio.gather(bank_set, return_exceptions=True)
         raise
     try:
-        banks = await bank_set
+        banks = BankRegistry(loader, await bank_set)
     except BaseException:
         engine.shutdown()
         raise
@@ -182,32 +124,35 @@ async def _start(settings: ServeSettings) -> _Running:
     )
     queue.start()
     limits = Limits(settings.max_prompts, settings.max_n, settings.max_tokens_limit)
-    serving = IdpServing(engine, name, str(folder), banks, queue, limits, loader)
-    logger.info("serving %s from %s with banks %s (default %s)", name, folder, sorted(banks.banks), banks.default)
-    return _Running(serving, engine, queue)
+    current = banks.current
+    logger.info("serving %s from %s with banks %s (default %s)", name, folder, sorted(current.banks), current.default)
+    return _Running(
+        engine, queue, banks,
+        completion=CompletionServing(engine, name, banks, queue, limits),
+        chat=ChatServing(engine, name, banks, queue, limits),
+        models=ModelsServing(engine, name, str(folder), banks, queue),
+    )
 
 
-async def _watch_engine(engine: Engine, exit_after_s: float, on_engine_death: Callable[[], None] | None) -> None:
-    """Wait for the engine to die, give in-flight requests and probes `exit_after_s`, then call the hook."""
-    await engine.wait_dead()
-    logger.error("the vLLM engine died: /health answers 503; handing over to the supervisor in %.1f s",
-                 exit_after_s)
+async def _supervise(running: _Running, exit_after_s: float, on_fatal: Callable[[int], None] | None) -> None:
+    """Wait for the engine or the selection worker to die, give in-flight requests and probes `exit_after_s`,
+    then call the hook. Both deaths already show on /health (503) and fail requests; this only ends the process."""
+    engine_dead = asyncio.create_task(running.engine.wait_dead())
+    selection_dead = asyncio.create_task(running.selection.wait_failed())
+    try:
+        await asyncio.wait({engine_dead, selection_dead}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (engine_dead, selection_dead):
+            task.cancel()
+    engine_died = engine_dead.done() and not engine_dead.cancelled()
+    what, status = ("the vLLM engine", EXIT_ENGINE_DEAD) if engine_died else ("the selection worker", EXIT_SELECTION_DEAD)
+    logger.error("%s died: /health answers 503; handing over to the supervisor in %.1f s", what, exit_after_s)
     await asyncio.sleep(exit_after_s)
-    if on_engine_death is not None:
-        on_engine_death()
+    if on_fatal is not None:
+        on_fatal(status)
 
 
-def _pin_frontend(engine: Engine) -> Callable[[], None]:
-    """Move this process's threads off the CPUs vLLM pinned its workers to, if any are left; returns the undo."""
-    workers = engine.worker_cpus
-    ours = cpus.frontend_cpus(workers) if workers else frozenset()
-    if not ours:
-        logger.info("frontend threads not pinned (vLLM workers pinned to %s)", sorted(workers) or "no CPU")
-        return lambda: None
-    return cpus.pin_process(ours)
-
-
-def _reload_on_sighup(serving: IdpServing) -> Callable[[], None]:
+def _reload_on_sighup(banks: BankRegistry) -> Callable[[], None]:
     """Reload the banks on SIGHUP (Unix's "re-read your configuration"), as the admin endpoint does; returns the
     undo. Only the main thread may own signal handlers, so an app served from another thread (tests, embedders)
     reloads through the endpoint only."""
@@ -218,9 +163,11 @@ def _reload_on_sighup(serving: IdpServing) -> Callable[[], None]:
 
     async def reload() -> None:
         try:
-            await serving.reload_banks()
-        except ApiError:
-            return  # reload_banks logged why; the previous banks keep serving
+            await banks.reload()
+        except BankError:
+            return  # reload logged which bank and why; the previous banks keep serving
+        except Exception:
+            logger.exception("bank reload on SIGHUP failed, the previous banks keep serving")
 
     def on_signal() -> None:
         task = loop.create_task(reload())
@@ -231,29 +178,37 @@ def _reload_on_sighup(serving: IdpServing) -> Callable[[], None]:
     return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
-def create_app(settings: ServeSettings, on_engine_death: Callable[[], None] | None = None) -> FastAPI:
+def create_app(settings: ServeSettings, on_fatal: Callable[[int], None] | None = None) -> FastAPI:
     """A FastAPI app serving `settings.model`; the engine starts with the app's lifespan, not at import.
 
-    `on_engine_death` is called (on the event loop) `settings.engine_death_exit_s` after the engine died; the
-    embedder decides what that means (`run` stops the server and exits). Without it the app keeps answering 503.
+    `on_fatal(exit_status)` is called (on the event loop) `settings.engine_death_exit_s` after the engine
+    (EXIT_ENGINE_DEAD) or the selection worker (EXIT_SELECTION_DEAD) died; the embedder decides what that means
+    (`run` stops the server and exits with that status). Without it the app keeps answering 503.
+
+    A banks directory named explicitly that holds no bank is refused here, before anything starts (BankError).
     """
+    if _banks_required(settings):
+        require_banks(settings.banks_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         running = await _start(settings)
-        app.state.serving = running.serving
-        watchdog = asyncio.create_task(
-            _watch_engine(running.engine, settings.engine_death_exit_s, on_engine_death), name="idp-engine-watchdog"
+        app.state.engine = running.engine
+        app.state.completion_serving = running.completion
+        app.state.chat_serving = running.chat
+        app.state.models_serving = running.models
+        supervisor = asyncio.create_task(
+            _supervise(running, settings.engine_death_exit_s, on_fatal), name="idp-supervisor"
         )
-        stop_sighup = _reload_on_sighup(running.serving)
-        unpin = _pin_frontend(running.engine) if settings.pin_frontend else lambda: None
+        stop_sighup = _reload_on_sighup(running.banks)
+        unpin = pin_frontend(running.engine.worker_cpus) if settings.pin_frontend else lambda: None
         try:
             yield
         finally:
             unpin()
             stop_sighup()
-            watchdog.cancel()
-            await asyncio.gather(watchdog, return_exceptions=True)
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
             await running.stop()
 
     app = FastAPI(
@@ -279,19 +234,22 @@ def create_app(settings: ServeSettings, on_engine_death: Callable[[], None] | No
 
 
 def run(settings: ServeSettings) -> None:
-    """Serve until interrupted (what `idp-serve serve` calls); exit with EXIT_ENGINE_DEAD if the engine died."""
-    died = False
+    """Serve until interrupted (what `idp-serve serve` calls). Exit with EXIT_ENGINE_DEAD or EXIT_SELECTION_DEAD
+    when that part died, and with EXIT_START_FAILED when the app did not start (uvicorn logged why)."""
+    fatal: int | None = None
 
-    def engine_died() -> None:
-        nonlocal died
-        died = True
+    def on_fatal(status: int) -> None:
+        nonlocal fatal
+        fatal = status
         server.should_exit = True
 
     config = uvicorn.Config(
-        create_app(settings, on_engine_death=engine_died), host=settings.host, port=settings.port,
+        create_app(settings, on_fatal=on_fatal), host=settings.host, port=settings.port,
         log_level=settings.log_level, timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
     server.run()
-    if died:
-        raise SystemExit(EXIT_ENGINE_DEAD)
+    if fatal is not None:
+        raise SystemExit(fatal)
+    if not server.started:
+        raise SystemExit(EXIT_START_FAILED)

@@ -3,9 +3,8 @@
 vLLM's CPU build binds each worker's OpenMP threads to chosen cores and leaves the rest to "the scheduler and the
 frontend". The API process (HTTP, tokenizing, detokenizing) and our selection pass are that frontend, but nothing
 stops Linux from running them on a worker core, where every slice they take stalls the decode of every running
-request. Measured on 2 cores (worker on core 0), 128 requests of 128 tokens at concurrency 32 against one running
-server, moved back and forth with `taskset`: 122 and 129 output tok/s unpinned, 153 and 141 tok/s with the API
-process on core 1.
+request; keeping them apart serves more tokens per second (measured with `taskset` against a running server; the
+numbers are in docs/).
 
 Linux only (`os.sched_setaffinity`); elsewhere, or when vLLM pins nothing (GPU workers, `nobind`), nothing moves.
 """

@@ -1,8 +1,10 @@
 """The one place that talks to vLLM: decode [chosen soft prompt | input tokens] and report tokens back.
 
-Everything vLLM-specific stops here. Callers hand in token ids, an optional soft-prompt prefix (a bank and a row)
-and `DecodeParams`; they get back `DecodeOutput`s made of plain dataclasses, so the HTTP layer never sees a vLLM
-or torch type and this module never sees HTTP.
+Callers hand in token ids, an optional soft-prompt prefix (a bank and a row) and `DecodeParams`; they get back
+`DecodeOutput`s made of plain dataclasses, so the HTTP layer never sees a vLLM or torch type and this module never
+sees HTTP. One door is left open on purpose: `Engine.async_llm`, the raw vLLM engine, for tests that compare the
+server's output with vLLM fed directly and read vLLM's request bookkeeping. Serving code never uses it (the
+import contracts keep vLLM's imports to this module, but an attribute is not an import: this line is the rule).
 
 How a prefix is decoded. vLLM V1 has no soft-prompt adapter, but it accepts `prompt_embeds`. We send the full
 sequence embedded, [P_k | E(x)] (E = the model's own input embedding table, read from the weights), together with
@@ -38,8 +40,8 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from server.core.banks import PromptBank
-from server.online.cpus import pinned_by_children
 from server.core.identity import embedding_weight
+from server.online.cpus import pinned_by_children
 
 VLLM_VERSION: str = vllm.__version__
 PLACEHOLDER_TOKEN_ID = 0
@@ -188,7 +190,7 @@ class Engine:
 
     @property
     def async_llm(self) -> AsyncLLM:
-        """The raw vLLM engine, for tests that compare against vLLM directly."""
+        """The raw vLLM engine, for tests only (see the module doc); serving code goes through the methods here."""
         return self._llm
 
     def embed(self, token_ids: Sequence[int], prefix: Prefix | None) -> torch.Tensor:

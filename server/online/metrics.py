@@ -29,12 +29,14 @@ if TYPE_CHECKING:
     from server.core.selection import Selection
 
 ENDPOINTS = ("completions", "chat")
-"""`endpoint` label values: the generation endpoints, as server.online.api.serving names them."""
+"""`endpoint` label values: the generation endpoints, as the servings in server.online.api name them."""
 MODES = ("dynamic", "forced", "none")
 """`mode` label values: the IDP modes of server.online.api.protocol."""
 NO_BANK = ""
 """Bank and prompt label value of inputs decoded without a soft prompt (mode none). Empty, because an empty label
 is Prometheus' 'no value' and no bank or prompt can have an empty name (any other string could be a bank's)."""
+_PROMPT_MODES = ("dynamic", "forced")
+"""The modes that decode with a bank's prompt (their label sets are created per prompt at load)."""
 OTHER_HANDLER = "other"
 """HTTP handler label of a request no route matched (e.g. a 404): its raw path would be unbounded."""
 
@@ -109,6 +111,24 @@ _zero_fixed_label_sets()
 # ----- banks --------------------------------------------------------------------------------------------------
 
 
+def banks_replaced(before: Sequence[PromptBank], after: Sequence[PromptBank]) -> None:
+    """A new bank set replaces `before`: describe every bank of `after` and remove the series of banks, and of
+    prompts, that `after` no longer has (a renamed or deleted bank must not stay on dashboards, nor its label
+    sets pile up across reloads)."""
+    kept_banks = {bank.name for bank in after}
+    kept_prompts = {(bank.name, prompt) for bank in after for prompt in bank.prompt_names}
+    for bank in before:
+        for prompt in bank.prompt_names:
+            if (bank.name, prompt) not in kept_prompts:
+                for mode in _PROMPT_MODES:
+                    SELECTIONS.remove(bank.name, prompt, mode)
+        if bank.name not in kept_banks:
+            for metric in (BANK, BANK_PROMPTS, BANK_LOADS, SELECTION_MARGIN):
+                metric.remove(bank.name)
+    for bank in after:
+        bank_loaded(bank)
+
+
 def bank_loaded(bank: PromptBank) -> None:
     """Describe a freshly (re)loaded bank and create its label sets at zero."""
     name = bank.name
@@ -120,7 +140,7 @@ def bank_loaded(bank: PromptBank) -> None:
     )
     BANK_PROMPTS.labels(name).set(bank.k)
     for prompt in bank.prompt_names:
-        for mode in ("dynamic", "forced"):  # the modes that decode with a prompt
+        for mode in _PROMPT_MODES:
             SELECTIONS.labels(name, prompt, mode)
     SELECTION_MARGIN.labels(name)
 

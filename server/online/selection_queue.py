@@ -4,8 +4,13 @@ A selection pass is torch work (one prefill of the inputs over the bank's cached
 would stall every stream the event loop serves. So requests queue here, a single worker takes whatever arrived
 within `wait_s` (at most `max_batch` inputs), and runs one pass per bank in a single worker thread (torch work
 serialized: two passes on two cores only fight over them). On a GPU batching amortizes each pass; on CPU the
-server sets `max_batch` to 1 (see server/app.py `selection_batch_size`). A pass that fails is retried input by
-input, so one bad input never fails its neighbours.
+server sets `max_batch` to 1 (see server/online/placement.py `selection_batch_size`). A pass that fails is retried
+input by input, so one bad input never fails its neighbours.
+
+The worker is supervised. If it dies of anything outside that per-input isolation (a bug of ours), it is logged
+with its traceback, every waiting caller and every later one gets `SelectionUnavailableError`, and `wait_failed`
+returns, so the app can turn /health to 503 and hand over to its supervisor, as when the engine dies. Without
+this a dead worker would leave every dynamic request waiting forever behind a healthy-looking /health.
 
 Callers hand in the selector itself, not a bank name: a bank reload swaps the serving's whole bank set, and an
 input queued before the swap must still be scored by the selector of the bank its request planned with.
@@ -29,10 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from server.online import metrics
 from server.core.selection import Selection
+from server.online import metrics
 
 logger = logging.getLogger(__name__)
+
+
+class SelectionUnavailableError(RuntimeError):
+    """The selection worker has died: no input can be selected until the process restarts."""
 
 
 class Selector(Protocol):
@@ -66,9 +75,23 @@ class SelectionQueue:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idp-selection")
         self._worker: asyncio.Task[None] | None = None
+        self._in_pass: list[_Pending] = []
+        self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
 
     def start(self) -> None:
-        self._worker = asyncio.create_task(self._run(), name="idp-selection-queue")
+        self._worker = asyncio.create_task(self._supervise(), name="idp-selection-queue")
+
+    @property
+    def failed(self) -> bool:
+        """True once the worker has died (it is not restarted: a bug that killed it once would again)."""
+        return self._failure is not None
+
+    async def wait_failed(self) -> BaseException:
+        """Return, with what killed it, once the worker has died."""
+        await self._failed.wait()
+        assert self._failure is not None
+        return self._failure
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -77,7 +100,10 @@ class SelectionQueue:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def select(self, selector: Selector, inputs: Sequence[Sequence[int]]) -> list[Selection]:
-        """One `Selection` per input, in order, by `selector`; ValueError if an input cannot be scored."""
+        """One `Selection` per input, in order, by `selector`. Raises what the selector raised for an input it
+        could not score, and SelectionUnavailableError once the worker has died."""
+        if self._failure is not None:
+            raise SelectionUnavailableError(f"the selection worker has died: {self._failure!r}")
         outcomes: list[Selection | asyncio.Future[Selection]] = []
         for ids in inputs:
             key = _key(selector, ids)
@@ -106,15 +132,33 @@ class SelectionQueue:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
+    async def _supervise(self) -> None:
+        """Run the worker; if it dies, log why and fail every caller, waiting now or coming later."""
+        try:
+            await self._run()
+        except Exception as error:  # anything that escapes _run is a bug: report it and fail every caller
+            logger.critical("the selection worker died; dynamic requests fail until the process restarts",
+                            exc_info=error)
+            self._failure = error
+            unavailable = SelectionUnavailableError(f"the selection worker has died: {error!r}")
+            waiting = list(self._in_pass)
+            while not self._queue.empty():
+                waiting.append(self._queue.get_nowait())
+            for item in waiting:
+                _settle(item, error=unavailable)
+            self._failed.set()
+
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
             for selector in {id(item.selector): item.selector for item in batch}.values():
                 await self._select_bank([item for item in batch if item.selector is selector])
+            self._in_pass = []
 
     async def _collect(self) -> list[_Pending]:
-        """The first waiting input, plus whatever else arrives within `wait_s`, up to `max_batch`."""
-        batch = [await self._queue.get()]
+        """The first waiting input, plus whatever else arrives within `wait_s`, up to `max_batch`. Taken inputs
+        are in `_in_pass` from the moment they leave the queue until their pass is over, for `_supervise`."""
+        self._in_pass = batch = [await self._queue.get()]
         deadline = time.monotonic() + self._wait_s
         while len(batch) < self._max_batch:
             timeout = deadline - time.monotonic()

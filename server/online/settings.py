@@ -29,7 +29,10 @@ class ServeSettings(Settings):
     served_model_name: str | None = Field(
         None, description="The name clients send as `model` (default: the model folder's name)."
     )
-    banks_dir: Path = Field(REPO_BANKS, description="Folder of prompt banks (default: the project's prompt_banks/).")
+    banks_dir: Path = Field(
+        REPO_BANKS, description="Folder of prompt banks (default: the project's prompt_banks/). When set, it must "
+        "hold at least one bank: the server refuses to start (and a reload is refused) otherwise.",
+    )
     default_bank: str | None = Field(
         None, description="Bank used when a request names none (default: the first bank by name, if any)."
     )
@@ -66,7 +69,7 @@ class ServeSettings(Settings):
     )
     pin_frontend: bool = Field(
         True, description="On CPU hosts, keep the server's own threads (HTTP, tokenizing, selection) off the cores "
-        "vLLM pins its workers to (see server/cpus.py); no effect when vLLM pins nothing (GPU).",
+        "vLLM pins its workers to (see server/online/cpus.py); no effect when vLLM pins nothing (GPU).",
     )
     log_level: str = Field("info", description="uvicorn log level.")
 
@@ -87,6 +90,7 @@ class ServeSettings(Settings):
         None, ge=1, description="Largest max_tokens accepted (default: whatever the context leaves)."
     )
     engine_death_exit_s: float = Field(
-        5.0, ge=0, description="After the engine dies, how long /health answers 503 (and in-flight requests get "
-        "their error) before the server exits with status 3 for its supervisor to restart it."
+        5.0, ge=0, description="After the engine or the selection worker dies, how long /health answers 503 (and "
+        "in-flight requests get their error) before the server exits (status 3: engine, 4: selection worker) for "
+        "its supervisor to restart it."
     )

@@ -62,8 +62,15 @@ def model_not_found(model: str) -> ApiError:
     return ApiError(f"The model '{model}' does not exist", HTTPStatus.NOT_FOUND, param="model", code="model_not_found")
 
 
-def unavailable(message: str) -> ApiError:
-    return ApiError(message, HTTPStatus.SERVICE_UNAVAILABLE, type="service_unavailable", code="engine_unavailable")
+def unavailable(message: str, code: str = "engine_unavailable") -> ApiError:
+    """A 503: a part this process cannot serve without (the engine, the selection worker) has died; another
+    replica, or this one once restarted, can serve the request."""
+    return ApiError(message, HTTPStatus.SERVICE_UNAVAILABLE, type="service_unavailable", code=code)
+
+
+def internal(message: str = "internal server error", code: str | None = None) -> ApiError:
+    """A 500: a fault of this server, never the caller's (log its traceback where it is raised)."""
+    return ApiError(message, HTTPStatus.INTERNAL_SERVER_ERROR, type="internal_error", code=code)
 
 
 def _field_path(loc: tuple) -> str | None:
@@ -89,7 +96,7 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error serving %s %s", request.method, request.url.path)
-    return ApiError("internal server error", HTTPStatus.INTERNAL_SERVER_ERROR, type="internal_error").response()
+    return internal().response()
 
 
 def install_error_handlers(app: FastAPI) -> None:
