@@ -1,4 +1,4 @@
-"""The selection pass (shared/notes/idp-algorithm.md): the cached serving selector equals the reference oracle.
+"""The selection pass (docs/idp-algorithm.md): the cached serving selector equals the reference oracle.
 
 Tiny random models stand in for real ones: a Llama (the SmolLM2 family) and a Qwen2 (another architecture vLLM
 serves). Their weights are drawn wider than usual so attention is peaked and a wrong mask, position or padding
@@ -6,6 +6,8 @@ shows up far above float noise.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,6 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from server.core.config import Settings
 from server.core.selection import (
     QUERY_BLOCK,
     CachedSelector,
@@ -256,10 +257,8 @@ SENTENCES = (
 
 
 @pytest.mark.slow
-def test_cached_selector_equals_reference_on_smollm2():
-    folder = Settings().models_dir / "smollm2-135m-instruct"
-    if not (folder / "config.json").is_file():
-        pytest.skip(f"real model not converted at {folder} (run `idp-serve prepare`)")
+def test_cached_selector_equals_reference_on_smollm2(base_model: Path):
+    folder = base_model
     torch.set_num_threads(1)
     model = load_selection_model(folder)
     batch = [AutoTokenizer.from_pretrained(folder)(text)["input_ids"] for text in SENTENCES]
