@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -52,12 +53,16 @@ def load_tiny(folder: Path):
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """'a' is the bank's model; 'a-q' a variant with the same embeddings; 'b' another model; 'narrow' hidden 32."""
+    """'a' is the bank's model; 'a-copy' the same weights under another name; 'a-q' a variant with the same
+    embeddings and one layer changed (as compression does); 'b' another model; 'narrow' hidden 32."""
     root = tmp_path_factory.mktemp("models")
     a = tiny_llama(root / "tiny-a", seed=0)
-    variant = root / "tiny-a-q"
-    shutil.copytree(a, variant)
-    return {"a": a, "a-q": variant, "b": tiny_llama(root / "tiny-b", seed=1),
+    shutil.copytree(a, root / "tiny-a-copy")
+    variant = load_tiny(a)
+    with torch.no_grad():
+        variant.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    variant.save_pretrained(root / "tiny-a-q")
+    return {"a": a, "a-copy": root / "tiny-a-copy", "a-q": root / "tiny-a-q", "b": tiny_llama(root / "tiny-b", seed=1),
             "narrow": tiny_llama(root / "tiny-narrow", seed=0, hidden=32)}
 
 
@@ -164,10 +169,42 @@ def test_safe_names_are_accepted(tmp_path: Path) -> None:
     assert bank_dir(tmp_path, "smollm2_q4-v1.2") == tmp_path / "smollm2_q4-v1.2"
 
 
-def test_variant_with_the_same_embeddings_loads_with_a_warning(saved: Path, models: dict[str, Path]) -> None:
-    with pytest.warns(UserWarning, match=r"'tiny-a'.*'tiny-a-q'"):
-        loaded = load_bank(saved, expect=fingerprint(models["a-q"]))
+def test_the_same_weights_under_another_name_load_silently(saved: Path, models: dict[str, Path]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_bank(saved, expect=fingerprint(models["a-copy"])).k == 3
+
+
+def test_other_weights_of_the_same_model_are_refused_naming_both_digests(saved: Path, models: dict[str, Path],
+                                                                          fp: Fingerprint) -> None:
+    variant = fingerprint(models["a-q"])
+    assert variant.embedding_sha256 == fp.embedding_sha256 and variant.weights_sha256 != fp.weights_sha256
+    refused(saved, str(saved / MANIFEST_FILE), fp.weights_sha256, variant.weights_sha256,
+            "--allow-bank-weights-mismatch", expect=variant)
+
+
+def test_other_weights_load_with_a_warning_when_explicitly_allowed(saved: Path, models: dict[str, Path],
+                                                                    fp: Fingerprint) -> None:
+    variant = fingerprint(models["a-q"])
+    with pytest.warns(UserWarning, match=rf"{fp.weights_sha256}.*'tiny-a-q'.*{variant.weights_sha256}"):
+        loaded = load_bank(saved, expect=variant, allow_weights_mismatch=True)
     assert loaded.k == 3
+
+
+def test_a_bank_without_a_weights_digest_is_refused(saved: Path, fp: Fingerprint) -> None:
+    """Banks made before weights digests existed cannot vouch for their weights: retrain them."""
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    edit_manifest(saved, model=manifest["model"] | {"weights_sha256": None})
+    refused(saved, "(not recorded)", fp.weights_sha256, expect=fp)
+
+
+def test_the_weights_digest_ignores_storage_dtype_but_not_values(models: dict[str, Path], tmp_path: Path) -> None:
+    """bf16 values stored as float32 or as bf16 are one model; rounding float32 weights to bf16 makes another."""
+    model = load_tiny(models["a"]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    model.to(torch.float32).save_pretrained(tmp_path / "bf16-as-f32")
+    digests = {name: fingerprint(tmp_path / name).weights_sha256 for name in ("bf16", "bf16-as-f32")}
+    assert digests["bf16"] == digests["bf16-as-f32"] != fingerprint(models["a"]).weights_sha256
 
 
 # --- refusals: what is missing or malformed --------------------------------------------------------------------

@@ -245,8 +245,13 @@ def save_bank(bank: PromptBank, folder: Path) -> Path:
     return folder
 
 
-def load_bank(folder: Path, expect: Fingerprint | None = None) -> PromptBank:
-    """Load and verify a bank; with `expect`, also refuse a bank trained for another model."""
+def load_bank(folder: Path, expect: Fingerprint | None = None, allow_weights_mismatch: bool = False) -> PromptBank:
+    """Load and verify a bank; with `expect`, also refuse a bank trained for another model or other weights.
+
+    `allow_weights_mismatch` (the server's `allow_bank_weights_mismatch`) loads a bank trained on other weights
+    of the same model (same config and embeddings) with a warning instead: for operators who know the prompts
+    still help there.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise BankError(f"{folder}: no such bank folder")
@@ -255,30 +260,39 @@ def load_bank(folder: Path, expect: Fingerprint | None = None) -> PromptBank:
         raise BankError(f"{manifest_path}: manifest missing")
     manifest = _validate_manifest(manifest_path.read_text(), str(manifest_path))
     if expect is not None:
-        _check_model(manifest.model, expect, manifest_path)
+        _check_model(manifest, expect, manifest_path, allow_weights_mismatch)
     embeddings = _read_tensor(folder / TENSOR_FILE, manifest)
     _check_embeddings(embeddings, manifest, str(folder / TENSOR_FILE))
     return PromptBank(embeddings, manifest)
 
 
-def _check_model(have: Fingerprint, expect: Fingerprint, manifest_path: Path) -> None:
-    """Refuse a bank whose model digests differ from `expect`; only warn when just the variant folder differs.
+def _check_model(manifest: BankManifest, expect: Fingerprint, manifest_path: Path, allow_weights_mismatch: bool) -> None:
+    """Refuse a bank for another model; refuse (or, if allowed, warn about) one trained on other weights.
 
-    Compressed variants share the base model's embeddings (see `Fingerprint`), so a bank trained on one
-    variant is usable on another, but it repairs best the variant it was trained for.
+    Compressed variants share the base model's config and embeddings, so only the weights digest tells them
+    apart; a prompt trained on one set of weights repairs those, and on others it can do anything. A dense twin
+    and its quantized checkpoint record the same digest (same numbers), so a bank serves both without a word.
     """
+    have = manifest.model
     fields = ("config_sha256", "embedding_sha256", "hidden_size", "vocab_size")
     differ = [f for f in fields if getattr(have, f) != getattr(expect, f)]
     if differ:
         details = "; ".join(f"field 'model.{f}': bank has {getattr(have, f)}, model has {getattr(expect, f)}"
                             for f in differ)
         raise BankError(f"{manifest_path}: bank is for model {have.weights!r}, not {expect.weights!r} ({details})")
-    if have.weights != expect.weights:
-        warnings.warn(
-            f"{manifest_path}: bank was trained on {have.weights!r} and is used with {expect.weights!r} "
-            "(same embeddings, different weights)",
-            stacklevel=3,
+    if have.weights_sha256 is not None and have.weights_sha256 == expect.weights_sha256:
+        return
+    retrain = manifest.trained.get("command") or f"idp-serve train --bank {manifest.name} --model {expect.weights}"
+    problem = (f"bank was trained on weights {have.weights_sha256 or '(not recorded)'} ({have.weights!r}) but the "
+               f"served model {expect.weights!r} has weights {expect.weights_sha256 or '(unknown)'}")
+    if not allow_weights_mismatch:
+        raise BankError(
+            f"{manifest_path}: {problem} (field 'model.weights_sha256'); the prompts repair the weights they were "
+            f"trained on. Retrain the bank on this model (`{retrain}`, with --model {expect.weights}), serve the "
+            "model it was trained on, or load it anyway with --allow-bank-weights-mismatch "
+            "(IDP_ALLOW_BANK_WEIGHTS_MISMATCH=1)"
         )
+    warnings.warn(f"{manifest_path}: {problem}; loaded anyway (allow_bank_weights_mismatch)", stacklevel=3)
 
 
 def _read_tensor(path: Path, manifest: BankManifest) -> torch.Tensor:

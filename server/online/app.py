@@ -38,7 +38,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
 from server.core.banks import BankError
-from server.core.identity import read_card, resolve
+from server.core.identity import read_card, resolve, servable
 from server.online import metrics
 from server.online.api.errors import install_error_handlers
 from server.online.api.middleware import ApiKey, BodyLimit
@@ -91,11 +91,12 @@ def _banks_required(settings: ServeSettings) -> bool:
 
 
 async def _start(settings: ServeSettings) -> _Running:
-    folder = resolve(settings.model, settings.models_dir)
+    folder = servable(resolve(settings.model, settings.models_dir))
     torch.set_num_threads(settings.torch_threads)
     device = selection_device(settings.selection_device)
     loader = BankLoader(folder, settings.banks_dir, settings.default_bank, settings.selection_layers, device,
-                        required=_banks_required(settings))
+                        required=_banks_required(settings),
+                        allow_weights_mismatch=settings.allow_bank_weights_mismatch)
     bank_set = asyncio.create_task(asyncio.to_thread(loader))
     name = settings.served_model_name or folder.name
     config = EngineConfig(

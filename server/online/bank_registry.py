@@ -53,10 +53,11 @@ def require_banks(banks_dir: Path) -> None:
     )
 
 
-def load_banks(banks_dir: Path, model: Fingerprint) -> dict[str, PromptBank]:
+def load_banks(banks_dir: Path, model: Fingerprint, allow_weights_mismatch: bool = False) -> dict[str, PromptBank]:
     """Every bank under `banks_dir`, verified against the served model (BankError names the one at fault)."""
     try:
-        return {name: load_bank(banks_dir / name, expect=model) for name in list_banks(banks_dir)}
+        return {name: load_bank(banks_dir / name, expect=model, allow_weights_mismatch=allow_weights_mismatch)
+                for name in list_banks(banks_dir)}
     except BankError:
         metrics.bank_load_failed()
         raise
@@ -80,8 +81,9 @@ class BankLoader:
     """
 
     def __init__(self, folder: Path, banks_dir: Path, default_bank: str | None, layers: list[int] | None,
-                 device: str, required: bool = False) -> None:
-        """`required`: the banks directory was named explicitly, so an empty one is refused (`require_banks`)."""
+                 device: str, required: bool = False, allow_weights_mismatch: bool = False) -> None:
+        """`required`: the banks directory was named explicitly, so an empty one is refused (`require_banks`);
+        `allow_weights_mismatch`: load banks trained on other weights with a warning (`load_bank`)."""
         self._folder = folder
         self._device = device
         self._expect = fingerprint(folder)
@@ -89,6 +91,7 @@ class BankLoader:
         self._default_bank = default_bank
         self._layers = layers
         self._required = required
+        self._allow_weights_mismatch = allow_weights_mismatch
         self._model: PreTrainedModel | None = None
         self._described: list[PromptBank] = []
 
@@ -96,7 +99,7 @@ class BankLoader:
         """Every bank verified, the default resolved, one cached selector per bank; BankError naming a fault."""
         if self._required:
             require_banks(self._banks_dir)
-        banks = load_banks(self._banks_dir, self._expect)
+        banks = load_banks(self._banks_dir, self._expect, self._allow_weights_mismatch)
         default = choose_default_bank(self._default_bank, banks)
         if banks and self._model is None:
             self._model = load_selection_model(self._folder, self._device)

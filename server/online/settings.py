@@ -36,6 +36,10 @@ class ServeSettings(Settings):
     default_bank: str | None = Field(
         None, description="Bank used when a request names none (default: the first bank by name, if any)."
     )
+    allow_bank_weights_mismatch: bool = Field(
+        False, description="Load a bank trained on other weights of the served model (same config and embeddings, "
+        "another weights digest) with a warning instead of refusing to start; see server.core.banks.load_bank."
+    )
     selection_layers: list[int] | None = Field(
         None, description="Decoder layers whose attention scores prompts, for every bank (default: each bank's "
         "calibrated `selection_layers` from its manifest, else all layers, the paper's choice)."
