@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from server.lab.corpus import token_blocks
 from server.lab.packages import extract_members
 
 EVALS = ("evals", "3.0.1.post1")
@@ -162,3 +166,14 @@ def _replace_links(text: str) -> str:
         if new == text:
             return new
         text = new
+
+
+def general_blocks(tokenizer: PreTrainedTokenizerBase, data_dir: Path, split: GeneralSplit, seq_len: int,
+                   seed: int = 0) -> torch.Tensor:
+    """Every full block [N, seq_len] of a split's text, in a seeded shuffled order.
+
+    Training reads blocks in this order (epoch one is a prefix of it), so a teacher cache built in the same
+    order serves the first N training tokens as soon as its first shards exist.
+    """
+    blocks = token_blocks(tokenizer, texts(data_dir, split), seq_len)
+    return blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))]
