@@ -14,13 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import os
-import platform
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 

