@@ -3,7 +3,7 @@
     python bench/variants.py smollm2-135m-instruct smollm2-135m-instruct-gptq-w3g64-dense ... [--limit 100]
 
 Prints one JSON line per model: accuracy on the first `limit` test examples of each task (log-likelihood
-scoring, `server.lab.evaluate.mc_accuracy`). Held-out perplexity is in each model's card (`idp_model.json`).
+scoring, `server.lab.evaluate.scoring.mc_accuracy`). Held-out perplexity is in each model's card (`idp_model.json`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from transformers import AutoTokenizer
 
 from server.core.config import Settings
-from server.lab.evaluate import mc_accuracy
-from server.lab.loading import load_model
 from server.core.identity import resolve
+from server.lab.evaluate.scoring import mc_accuracy
+from server.lab.loading import load_model
 from server.lab.tasks import task_split
 
 

@@ -15,24 +15,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.lab.analysis import attention_deviation, distances, without_first_token
-from server.core.banks import PromptBank, make_bank, save_bank
 from server.cli import main
+from server.core.banks import PromptBank, make_bank, save_bank
 from server.core.config import Settings
-from server.lab.corpus import SOURCES, source_texts
-from server.lab.evaluate import (
-    Method,
-    bootstrap_ci,
-    choice_logprobs,
-    eval_examples,
-    evaluate_all,
-    leaked_examples,
-    load_methods,
-    lora_method,
-    normalize,
-    run_methods,
-)
 from server.core.identity import embedding_weight, fingerprint
+from server.lab.analysis import attention_deviation, distances, without_first_token
+from server.lab.corpus import SOURCES, source_texts
+from server.lab.evaluate.compare import evaluate_all
+from server.lab.evaluate.examples import eval_examples
+from server.lab.evaluate.leaks import leaked_examples
+from server.lab.evaluate.lora import lora_method
+from server.lab.evaluate.methods import Method, load_methods
+from server.lab.evaluate.records import run_methods
+from server.lab.evaluate.scoring import choice_logprobs, normalize
+from server.lab.evaluate.statistics import bootstrap_ci
 from server.lab.report import write_report
 from server.lab.tasks import TASKS, task_split
 from server.lab.train import TrainSpec, source_blocks
@@ -73,16 +69,38 @@ def tiny_banks(tiny_compressed: Path, tmp_path_factory: pytest.TempPathFactory) 
     return bank, single
 
 
-def test_evaluate_end_to_end(tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path],
-                             settings: Settings, tmp_path: Path) -> None:
+def test_evaluate_end_to_end(
+    tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path], settings: Settings, tmp_path: Path
+) -> None:
     """Every method on the same examples, a report with its table, plot and raw records; IDP agrees with forcing
     the prompt it chose; the LoRA adapter is cached, so a rerun loads it instead of training."""
     bank, single = tiny_banks
-    kwargs = {"base_dir": tiny_llama, "compressed_dir": tiny_compressed, "bank_dir": bank, "single_dir": single,
-              "tasks": TASK_SAMPLE, "limit": 3, "data_dir": settings.data_dir, "cache_dir": tmp_path / "lora",
-              "lora_rank": 1, "lora_lr": 1e-3, "samples": 200, "ppl_blocks": 1}
+    kwargs = {
+        "base_dir": tiny_llama,
+        "compressed_dir": tiny_compressed,
+        "bank_dir": bank,
+        "single_dir": single,
+        "tasks": TASK_SAMPLE,
+        "limit": 3,
+        "data_dir": settings.data_dir,
+        "cache_dir": tmp_path / "lora",
+        "lora_rank": 1,
+        "lora_lr": 1e-3,
+        "samples": 200,
+        "ppl_blocks": 1,
+    }
     result = evaluate_all(**kwargs)
-    methods = ["base", "compressed", "single", "idp", "idp:all-layers", "forced:p0", "forced:p1", "forced:p2", "lora-r1"]
+    methods = [
+        "base",
+        "compressed",
+        "single",
+        "idp",
+        "idp:all-layers",
+        "forced:p0",
+        "forced:p1",
+        "forced:p2",
+        "lora-r1",
+    ]
     assert list(result["methods"]) == methods
     assert len(result["records"]) == len(methods) * 9
     summary = result["methods"]
@@ -137,8 +155,9 @@ def test_no_test_example_in_training_data(base_model: Path, settings: Settings) 
     assert source_texts("knowledge", settings.data_dir)
 
 
-def test_attention_one_row_per_layer(tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path],
-                                     settings: Settings) -> None:
+def test_attention_one_row_per_layer(
+    tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path], settings: Settings
+) -> None:
     """One row per layer; the base model against itself deviates by exactly 0; distances lie in [0, 1]."""
     base, methods, _, _ = load_methods(tiny_llama, tiny_compressed, *tiny_banks)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -162,31 +181,74 @@ def test_attention_sink_moved_onto_the_prompt_is_not_deviation_without_the_first
     assert tv_nosink.item() == pytest.approx(0, abs=1e-6) and js_nosink.item() == pytest.approx(0, abs=1e-3)
 
 
-def test_attention_command(tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path], tmp_path: Path,
-                           settings: Settings) -> None:
+def test_attention_command(
+    tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path], tmp_path: Path, settings: Settings
+) -> None:
     out = tmp_path / "attention"
-    main(["attention", "--base", str(tiny_llama), "--model", str(tiny_compressed), "--bank", str(tiny_banks[0]),
-          "--single", str(tiny_banks[1]), "--tasks", "odd_one_out", "--limit", "2", "--lora-rank", "0",
-          "--home", str(tmp_path / "home"), "--data-dir", str(settings.data_dir), "--out", str(out)])
+    main(
+        [
+            "attention",
+            "--base",
+            str(tiny_llama),
+            "--model",
+            str(tiny_compressed),
+            "--bank",
+            str(tiny_banks[0]),
+            "--single",
+            str(tiny_banks[1]),
+            "--tasks",
+            "odd_one_out",
+            "--limit",
+            "2",
+            "--lora-rank",
+            "0",
+            "--home",
+            str(tmp_path / "home"),
+            "--data-dir",
+            str(settings.data_dir),
+            "--out",
+            str(out),
+        ]
+    )
     table = [line for line in (out / "attention.md").read_text().splitlines() if line[:3] in ("| 0", "| 1")]
     assert len(table) == 2 and (out / "attention.png").is_file()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that torch sees")
+def test_scores_on_the_gpu_equal_the_cpus(tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path]) -> None:
+    """`--device cuda`: every method scores each choice as on the CPU (float32 kernels), choosing the same prompts."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    examples = eval_examples(["odd_one_out", "human_organs_senses:gen"], 2)
+    on_cpu = run_methods(load_methods(tiny_llama, tiny_compressed, *tiny_banks)[1], tokenizer, examples)
+    on_gpu = run_methods(load_methods(tiny_llama, tiny_compressed, *tiny_banks, "cuda")[1], tokenizer, examples)
+    for cpu, gpu in zip(on_cpu, on_gpu, strict=True):
+        assert (gpu["prompt"], gpu.get("output")) == (cpu["prompt"], cpu.get("output"))
+        assert gpu.get("scores", []) == pytest.approx(cpu.get("scores", []), abs=1e-3)
+
+
 @pytest.mark.slow
-def test_in_process_matches_live_server(tiny_compressed: Path, tiny_banks: tuple[Path, Path], settings: Settings,
-                                        tmp_path: Path) -> None:
+def test_in_process_matches_live_server(
+    tiny_compressed: Path, tiny_banks: tuple[Path, Path], settings: Settings, tmp_path: Path
+) -> None:
     """The fast path's scores, choices and chosen prompts equal the served ones (echo logprobs, forced prompts)."""
     from server.core.banks import load_bank
-    from server.lab.evaluate import check_server
-    from tests.test_server import start_server
+    from server.lab.evaluate.server_check import check_server
+    from tests.helpers import start_server
 
     bank, single = (load_bank(p) for p in tiny_banks)
     _, methods, _, _ = load_methods(tiny_compressed, tiny_compressed, *tiny_banks)
     examples = eval_examples(["unit_identification", "odd_one_out"], 2)
     records = run_methods(methods, AutoTokenizer.from_pretrained(tiny_compressed), examples)
     with start_server(tiny_compressed, tmp_path, [bank, single]) as live:
-        check = check_server(live.url, tiny_compressed.name, AutoTokenizer.from_pretrained(tiny_compressed),
-                             records, examples, bank, single)
+        check = check_server(
+            live.url,
+            tiny_compressed.name,
+            AutoTokenizer.from_pretrained(tiny_compressed),
+            records,
+            examples,
+            bank,
+            single,
+        )
     served = [m for m in methods if m.name != "idp:all-layers"]
     assert check["records"] == len(served) * 4 == check["same_prediction"] == check["same_prompt"]
     assert check["max_abs_score_diff"] < 1e-2

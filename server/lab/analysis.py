@@ -21,8 +21,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
-from server.lab.evaluate import Method, eval_examples, load_methods, lora_method
 from server.core.selection import SELECTION_ATTENTION
+from server.lab.evaluate.examples import eval_examples
+from server.lab.evaluate.lora import lora_method
+from server.lab.evaluate.methods import Method, load_methods
 from server.lab.tasks import TASKS
 
 
@@ -34,11 +36,12 @@ def eager(model: PreTrainedModel) -> PreTrainedModel:
 
 
 @torch.no_grad()
-def input_attention(model: PreTrainedModel, ids: list[int], prompt: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def input_attention(
+    model: PreTrainedModel, ids: list[int], prompt: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention among input tokens [L, H, n, n] (prompt columns dropped, rows renormalised) and the mass each
     input row put on the prompt, mean per layer [L] (zeros without a prompt)."""
-    embeds = model.get_input_embeddings()(torch.tensor([ids]))
+    embeds = model.get_input_embeddings()(torch.tensor([ids], device=model.device))
     m = 0 if prompt is None else prompt.shape[0]
     if prompt is not None:
         embeds = torch.cat([prompt[None].to(embeds.dtype), embeds], dim=1)
@@ -56,6 +59,7 @@ def without_first_token(attention: torch.Tensor) -> torch.Tensor:
 
 def distances(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer [L]: mean total variation and mean Jensen-Shannon distance (base 2, in [0, 1]) of rows."""
+
     def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a * (a.clamp_min(1e-12).log2() - b.clamp_min(1e-12).log2())).sum(-1)
 
@@ -82,14 +86,27 @@ def attention_deviation(base: PreTrainedModel, methods: Sequence[Method], inputs
             for key, value in parts.items():
                 totals[f"{method.name}/{key}"] = totals.get(f"{method.name}/{key}", 0) + value
     layers = base.config.num_hidden_layers
-    return [{"layer": layer, **{k: float(v[layer]) / len(inputs) for k, v in totals.items()}} for layer in range(layers)]
+    return [
+        {"layer": layer, **{k: float(v[layer]) / len(inputs) for k, v in totals.items()}} for layer in range(layers)
+    ]
 
 
-def analyse(base_dir: Path, compressed_dir: Path, bank_dir: Path, single_dir: Path | None,
-            tasks: Sequence[str] | None, limit: int | None, data_dir: Path, cache_dir: Path, lora_rank: int, lora_lr: float) -> list[dict]:
+def analyse(
+    base_dir: Path,
+    compressed_dir: Path,
+    bank_dir: Path,
+    single_dir: Path | None,
+    tasks: Sequence[str] | None,
+    limit: int | None,
+    data_dir: Path,
+    cache_dir: Path,
+    lora_rank: int,
+    lora_lr: float,
+    device: torch.device | str = "cpu",
+) -> list[dict]:
     """Attention deviation of compressed, single prompt, IDP and LoRA (the evaluate command's cached adapter)
-    from the base model, on the contexts of the tasks' test examples (`limit` per task)."""
-    base, methods, _, single = load_methods(base_dir, compressed_dir, bank_dir, single_dir)
+    from the base model, on the contexts of the tasks' test examples (`limit` per task), computed on `device`."""
+    base, methods, _, single = load_methods(base_dir, compressed_dir, bank_dir, single_dir, device)
     methods = [m for m in methods if not m.name.startswith("forced:")]
     if single is not None and lora_rank > 0:
         methods.append(lora_method(compressed_dir, base, single, data_dir, cache_dir, lora_rank, lora_lr)[0])

@@ -1,4 +1,5 @@
-"""Loading model folders for offline work: float32 transformers models, compressed checkpoints dequantized."""
+"""Loading model folders for offline work: transformers models on a chosen device, compressed checkpoints
+dequantized, weights frozen where only prompts (or adapters) train."""
 
 from __future__ import annotations
 
@@ -8,11 +9,35 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 
-def load_model(folder: Path) -> PreTrainedModel:
-    """A float32 eval-mode transformers model (compressed-tensors checkpoints are dequantized on load)."""
-    kwargs: dict = {"dtype": torch.float32}
+def torch_device(setting: str) -> torch.device:
+    """The device of an offline run: `auto` is the GPU when torch sees one, else the CPU.
+
+    An explicit device torch cannot use here is refused before anything loads, naming the setting."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=setting)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"device {setting!r} is not usable here: {error}") from error
+    return torch.device(setting)
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """An eval-mode transformers model on `device` (compressed-tensors checkpoints are dequantized on load).
+
+    float32 unless asked: it is what the selection pass and the served CPU model compute in, so offline numbers
+    match the server's."""
+    kwargs: dict = {"dtype": dtype}
     if "quantization_config" in (folder / "config.json").read_text():
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device).eval()
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, no gradients for any weight: only prompts (or a LoRA added afterwards) train."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
