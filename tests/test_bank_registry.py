@@ -75,8 +75,10 @@ def test_a_refused_set_leaves_the_metrics_of_the_serving_one(model: Path, tmp_pa
     loader()
     shutil.rmtree(banks_dir / "solo")
     save_bank(bank(model, "other", ["o-0"], 5), banks_dir / "other")
+    failures = sample("idp_bank_load_failures_total")
     with pytest.raises(BankError, match="default bank 'solo' is not among the loaded banks"):
         loader()
+    assert sample("idp_bank_load_failures_total") == failures + 1
     assert sample("idp_bank_prompts", bank="solo") == 1
     assert sample("idp_bank_prompts", bank="other") is None
 

@@ -7,10 +7,11 @@
 - Security: API key (Bearer, /health and /metrics open), CORS off unless configured, no pickle, bank names
   confined to the banks directory, the key never in settings' repr or in logs.
 - Bank reload under load is atomic, and a bad bank is refused while the old set keeps serving.
-- Slow: the load test (bench/load.py, short), and `server.online.app.run` in its own process: SIGHUP reloads its banks,
+- The load test (bench/load.py, short), and `server.online.app.run` in its own process: SIGHUP reloads its banks,
   and when its engine dies /health is 503 at once, in-flight requests fail, and the process exits with status 3
   so its supervisor restarts it.
-One in-process server for the module; the process test starts its own (it kills the engine).
+One in-process server for the module; the process test starts its own (it kills the engine). Every test that
+needs an engine is marked slow; the fast ones (settings, pickle, bank names) need none.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from schemathesis.checks import not_a_server_error
 from transformers import AutoTokenizer
 
 from bench.load import load_inputs, offline_selection, process_rss, run_load
-from server.online.app import EXIT_ENGINE_DEAD, create_app
 from server.core.banks import BankError, PromptBank, bank_dir, check_name, make_bank, save_bank
 from server.core.identity import fingerprint
+from server.online.app import EXIT_ENGINE_DEAD, create_app
 from server.online.settings import ServeSettings
 from tests.test_server import LiveServer, random_bank
 
@@ -133,6 +134,7 @@ HOSTILE: list[tuple[str, Any, int, str | None]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "body", "status", "param"), HOSTILE, ids=[c[0] for c in HOSTILE])
 def test_hostile_requests_get_openai_4xx(live: LiveServer, tiny_llama: Path, case: str, body: Any, status: int,
                                          param: str | None) -> None:
@@ -145,6 +147,7 @@ def test_hostile_requests_get_openai_4xx(live: LiveServer, tiny_llama: Path, cas
         assert error["param"] == param, error
 
 
+@pytest.mark.slow
 def test_hostile_chat_and_chunked_oversize_body(live: LiveServer, tiny_llama: Path) -> None:
     model = tiny_llama.name
     long_chat = {"model": model, "messages": [{"role": "user", "content": "word " * 700}]}
@@ -177,11 +180,13 @@ def openai_errors(ctx: Any, response: schemathesis.Response, case: schemathesis.
     return None
 
 
+@pytest.mark.slow
 def test_schemathesis_fuzz(live: LiveServer, tiny_llama: Path) -> None:
     """Valid and invalid requests generated from /openapi.json, 50 of each per operation: no 5xx, 4xx in shape.
 
     Valid bodies get the served model's name (a random one would stop every request at the 404) and n and
-    max_tokens within the server's limits, so more of them reach tokenization, selection and the engine. Derandomized: the same cases every run, so a failure reproduces.
+    max_tokens within the server's limits, so more of them reach tokenization, selection and the engine.
+    Derandomized: the same cases every run, so a failure reproduces.
     """
     schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json", headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -219,6 +224,7 @@ def test_schemathesis_fuzz(live: LiveServer, tiny_llama: Path) -> None:
 # ----- security -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_api_key_guards_all_but_open_paths(live: LiveServer, tiny_llama: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
     body = {"model": tiny_llama.name, "prompt": "hi", "max_tokens": 2}
@@ -239,9 +245,9 @@ def test_api_key_guards_all_but_open_paths(live: LiveServer, tiny_llama: Path,
     assert API_KEY not in repr({name: vars(part) for name, part in live.app.state._state.items()})
 
 
-def test_settings_hide_the_key_and_defaults_are_closed(tiny_llama: Path, tmp_path: Path) -> None:
+def test_settings_hide_the_key_and_defaults_are_closed(tiny_llama: Path, home: Path) -> None:
     """The key stays out of repr and dumps; without configuration there is no key check and no CORS."""
-    keyed = serve_settings(tiny_llama, tmp_path, api_key=API_KEY)
+    keyed = serve_settings(tiny_llama, home, api_key=API_KEY)
     assert API_KEY not in repr(keyed) and API_KEY not in str(keyed) and API_KEY not in keyed.model_dump_json()
     assert keyed.api_key.get_secret_value() == API_KEY
     os.environ["IDP_API_KEY"] = API_KEY
@@ -249,16 +255,17 @@ def test_settings_hide_the_key_and_defaults_are_closed(tiny_llama: Path, tmp_pat
         assert ServeSettings().api_key.get_secret_value() == API_KEY
     finally:
         del os.environ["IDP_API_KEY"]
-    default = serve_settings(tiny_llama, tmp_path)
+    default = serve_settings(tiny_llama, home)
     assert (default.api_key, default.cors_origins, default.open_paths) == (None, [], ["/health", "/metrics"])
     names = [m.cls.__name__ for m in create_app(default).user_middleware]
     assert "ApiKey" not in names and "CORSMiddleware" not in names and "BodyLimit" in names
-    names = [m.cls.__name__ for m in create_app(serve_settings(tiny_llama, tmp_path, api_key="k",
+    names = [m.cls.__name__ for m in create_app(serve_settings(tiny_llama, home, api_key="k",
                                                                 cors_origins=[ORIGIN])).user_middleware]
     order = [names.index(name) for name in ("CORSMiddleware", "ApiKey", "BodyLimit")]
     assert order == sorted(order), "outermost first: CORS answers preflights, then the key, then the body limit"
 
 
+@pytest.mark.slow
 def test_cors_only_for_configured_origins(live: LiveServer) -> None:
     preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
     allowed = httpx.options(f"{live.url}/v1/completions", headers={"origin": ORIGIN, **preflight})
@@ -291,6 +298,7 @@ def test_bank_names_cannot_escape(tmp_path: Path, name: str) -> None:
 # ----- bank reload --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bank_reload_is_atomic_under_load_and_refuses_a_bad_bank(
     live: LiveServer, tiny_llama: Path, home: Path, banks: list[PromptBank]
 ) -> None:

@@ -145,8 +145,10 @@ async def _supervise(running: _Running, exit_after_s: float, on_fatal: Callable[
     finally:
         for task in (engine_dead, selection_dead):
             task.cancel()
-    engine_died = engine_dead.done() and not engine_dead.cancelled()
-    what, status = ("the vLLM engine", EXIT_ENGINE_DEAD) if engine_died else ("the selection worker", EXIT_SELECTION_DEAD)
+    if engine_dead.done() and not engine_dead.cancelled():
+        what, status = "the vLLM engine", EXIT_ENGINE_DEAD
+    else:
+        what, status = "the selection worker", EXIT_SELECTION_DEAD
     logger.error("%s died: /health answers 503; handing over to the supervisor in %.1f s", what, exit_after_s)
     await asyncio.sleep(exit_after_s)
     if on_fatal is not None:

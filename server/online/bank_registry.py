@@ -55,12 +55,8 @@ def require_banks(banks_dir: Path) -> None:
 
 def load_banks(banks_dir: Path, model: Fingerprint, allow_weights_mismatch: bool = False) -> dict[str, PromptBank]:
     """Every bank under `banks_dir`, verified against the served model (BankError names the one at fault)."""
-    try:
-        return {name: load_bank(banks_dir / name, expect=model, allow_weights_mismatch=allow_weights_mismatch)
-                for name in list_banks(banks_dir)}
-    except BankError:
-        metrics.bank_load_failed()
-        raise
+    return {name: load_bank(banks_dir / name, expect=model, allow_weights_mismatch=allow_weights_mismatch)
+            for name in list_banks(banks_dir)}
 
 
 def choose_default_bank(requested: str | None, banks: Mapping[str, PromptBank]) -> str | None:
@@ -96,11 +92,16 @@ class BankLoader:
         self._described: list[PromptBank] = []
 
     def __call__(self) -> BankSet:
-        """Every bank verified, the default resolved, one cached selector per bank; BankError naming a fault."""
-        if self._required:
-            require_banks(self._banks_dir)
-        banks = load_banks(self._banks_dir, self._expect, self._allow_weights_mismatch)
-        default = choose_default_bank(self._default_bank, banks)
+        """Every bank verified, the default resolved, one cached selector per bank; BankError naming a fault
+        (counted in `idp_bank_load_failures`)."""
+        try:
+            if self._required:
+                require_banks(self._banks_dir)
+            banks = load_banks(self._banks_dir, self._expect, self._allow_weights_mismatch)
+            default = choose_default_bank(self._default_bank, banks)
+        except BankError:
+            metrics.bank_load_failed()
+            raise
         if banks and self._model is None:
             self._model = load_selection_model(self._folder, self._device)
         selectors = {

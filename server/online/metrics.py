@@ -87,12 +87,15 @@ SELECTION_MARGIN = Histogram(
     ["bank"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
-BANK = Info("idp_bank", "Each loaded prompt bank: K prompts of m soft tokens, for the model it was trained on.", ["bank"])
+BANK = Info(
+    "idp_bank", "Each loaded prompt bank: K prompts of m soft tokens, for the model it was trained on.", ["bank"]
+)
 BANK_PROMPTS = Gauge("idp_bank_prompts", "Soft prompts (K) of each loaded bank.", ["bank"])
 BANK_LOADS = Counter("idp_bank_loads", "Successful loads (and reloads) of each bank.", ["bank"])
 BANK_LOAD_FAILURES = Counter(
     "idp_bank_load_failures",
-    "Bank loads refused (damaged, or for another model). Not labelled by bank: a failed name may not be a bank.",
+    "Bank set loads refused (a bank damaged or for another model, the default bank missing, an explicitly set "
+    "banks directory empty). Not labelled by bank: a failed name may not be a bank.",
 )
 
 def _zero_fixed_label_sets() -> None:
