@@ -215,7 +215,9 @@ def test_attention_command(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that torch sees")
-def test_scores_on_the_gpu_equal_the_cpus(tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path]) -> None:
+def test_scores_on_the_gpu_equal_the_cpus(
+    tiny_llama: Path, tiny_compressed: Path, tiny_banks: tuple[Path, Path]
+) -> None:
     """`--device cuda`: every method scores each choice as on the CPU (float32 kernels), choosing the same prompts."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     examples = eval_examples(["odd_one_out", "human_organs_senses:gen"], 2)

@@ -55,7 +55,9 @@ def test_train_command_trains_on_the_device_asked_and_records_it(
     bank = load_bank(tmp_path / "banks" / "probe", expect=fingerprint(tiny_llama))
     trained = bank.manifest.trained
     assert trained["compute"] == {"device": "cpu", "dtype": "float32"}
-    assert TrainSpec(**trained["spec"]) == TrainSpec(objective="lm", num_virtual_tokens=4, steps=2, seq_len=16, batch_size=2)
+    assert TrainSpec(**trained["spec"]) == TrainSpec(
+        objective="lm", num_virtual_tokens=4, steps=2, seq_len=16, batch_size=2
+    )
     assert bank.embeddings.shape == (1, 4, 128) and bank.embeddings.dtype == torch.float32
 
 
