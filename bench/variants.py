@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from server.core.config import Settings
 from server.core.identity import resolve
 from server.lab.evaluate.scoring import mc_accuracy
-from server.lab.loading import load_model
+from server.lab.loading import load_model, torch_device
 from server.lab.tasks import task_split
 
 
@@ -26,13 +26,14 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="model folders or names under the models dir")
     parser.add_argument("--tasks", nargs="+", default=["unit_identification", "step_inference"])
     parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--device", default="auto", help="torch device (auto: the GPU when torch sees one)")
     args = parser.parse_args()
     settings = Settings()
     torch.set_num_threads(settings.torch_threads)
     examples = {task: task_split(task, "test", limit=args.limit) for task in args.tasks}
     for name in args.models:
         folder = resolve(name, settings.models_dir)
-        model, tokenizer = load_model(folder), AutoTokenizer.from_pretrained(folder)
+        model, tokenizer = load_model(folder, torch_device(args.device)), AutoTokenizer.from_pretrained(folder)
         row = {task: mc_accuracy(model, tokenizer, ex) for task, ex in examples.items()}
         print(json.dumps({"model": folder.name, **row}), flush=True)
 

@@ -287,10 +287,10 @@ def calibrate_layers(
     """The selection layer that best routes a curated bank's training examples to their own source's prompt.
 
     IDP's default score averages attention over all layers. On SmolLM2 that average is dominated by layers whose
-    attention prefers one prompt whatever the input (measured: all layers sent 28 of 32 held-out blocks of four
-    domains to the `units` prompt), while single later layers route by domain. A curated bank knows which prompt
-    each training example belongs to, so we pick the layer with the highest routing accuracy on (a few)
-    training blocks, never on held-out ones, and keep all layers when no single layer beats them.
+    attention prefers one prompt whatever the input (docs/banks.md has the measurement), while single later layers route
+    by domain. A curated bank knows which prompt each training example belongs to, so we pick the layer with the
+    highest routing accuracy on (a few) training blocks, never on held-out ones, and keep all layers when no
+    single layer beats them (the manifest records both accuracies, `route_acc/*`).
     """
     ids = torch.cat([blocks[:per_source] for blocks in train.values()]).tolist()
     labels = torch.arange(len(train)).repeat_interleave(per_source)

@@ -74,7 +74,7 @@ def choice_logprobs(
     embeds = model.get_input_embeddings()(ids)
     if prompt is not None:
         embeds = torch.cat([prompt.expand(len(rows), -1, -1).to(embeds.dtype), embeds], dim=1)
-    # only the positions that predict choice tokens go through the LM head (a fifth of this model's compute)
+    # only the positions that predict choice tokens go through the LM head (a large share of a small model's compute)
     keep = width - len(context) + 1
     logprobs = model(inputs_embeds=embeds, logits_to_keep=keep).logits[:, :-1].float().log_softmax(-1)
     scores = []
