@@ -91,6 +91,7 @@ def test_an_explicit_banks_dir_without_a_bank_is_refused_before_anything_starts(
     why = "holds no bank" if state == "empty" else "does not exist"
     with pytest.raises(BankError, match=f"banks directory {banks_dir} was set explicitly .* but {why}"):
         create_app(ServeSettings(banks_dir=banks_dir))
+    create_app(ServeSettings(banks_dir=banks_dir, allow_empty_banks_dir=True))  # serving without banks on purpose
 
 
 def test_the_environment_counts_as_explicit_and_the_default_dir_is_not_checked(

@@ -28,10 +28,10 @@ import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.online.app import create_app
 from server.core.banks import PromptBank, make_bank, save_bank
 from server.core.identity import embedding_weight, fingerprint
 from server.core.selection import CachedSelector, load_selection_model
+from server.online.app import create_app
 from server.online.settings import ServeSettings
 
 pytestmark = pytest.mark.slow
@@ -95,7 +95,7 @@ def start_server(model: Path, home: Path, banks: list[PromptBank]) -> LiveServer
         save_bank(bank, home / "banks" / bank.name)
     settings = ServeSettings(
         home=home, model=str(model), banks_dir=home / "banks", default_bank=banks[0].name if banks else None,
-        max_model_len=512, kv_cache_gib=1, dtype="float32",
+        allow_empty_banks_dir=not banks, max_model_len=512, kv_cache_gib=1, dtype="float32",
     )
     return LiveServer(settings)
 

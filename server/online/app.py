@@ -86,8 +86,9 @@ def serve_dtype(folder: Path) -> str:
 
 
 def _banks_required(settings: ServeSettings) -> bool:
-    """Whether the operator named the banks directory (flag or environment) rather than leaving the default."""
-    return "banks_dir" in settings.model_fields_set
+    """Whether the banks directory must hold a bank: the operator named it (flag or environment) rather than
+    leaving the default, and did not allow it to be empty."""
+    return "banks_dir" in settings.model_fields_set and not settings.allow_empty_banks_dir
 
 
 async def _start(settings: ServeSettings) -> _Running:

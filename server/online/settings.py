@@ -31,7 +31,12 @@ class ServeSettings(Settings):
     )
     banks_dir: Path = Field(
         REPO_BANKS, description="Folder of prompt banks (default: the project's prompt_banks/). When set, it must "
-        "hold at least one bank: the server refuses to start (and a reload is refused) otherwise.",
+        "hold at least one bank: the server refuses to start (and a reload is refused) otherwise, unless "
+        "allow_empty_banks_dir.",
+    )
+    allow_empty_banks_dir: bool = Field(
+        False, description="Serve even when an explicitly set banks_dir holds no bank: IDP is off until banks are "
+        "put there and reloaded (for serving a model without banks on purpose).",
     )
     default_bank: str | None = Field(
         None, description="Bank used when a request names none (default: the first bank by name, if any)."
