@@ -1,12 +1,13 @@
 """Request and response models of the OpenAI-compatible API, plus the `idp` extension (like vLLM's protocol.py).
 
-Only shapes and value ranges live here; what the values mean is `serving.py`'s business. Unknown request fields
-are refused (400 naming the field) rather than ignored, so a misspelt option never silently changes an answer.
+Only shapes and value ranges live here; what the values mean is the servings' business (serving_*.py). Unknown
+request fields are refused (400 naming the field) rather than ignored, so a misspelt option never silently changes
+an answer.
 OpenAI fields we do not implement are declared and refused unless left at their neutral value, for the same reason.
 
 Integers that travel to the engine are bounded here (seed, top_k, token ids): Python ints are unbounded, vLLM's
 are not, and a value that fails deep inside the engine would be a 500 instead of the caller's 400. Limits an
-operator may tune (`n`, the number of prompts, max_tokens) are ServeSettings, enforced by serving.py.
+operator may tune (`n`, the number of prompts, max_tokens) are ServeSettings, enforced by serving_base.py.
 """
 
 from __future__ import annotations
