@@ -230,12 +230,23 @@ def image_install(target: str) -> dict[str, str]:
     return {k: v.strip("'\"") for k, v in re.findall(r"\b(IDP_FLAVOUR|IDP_EXTRAS)=(\S*)", step)}
 
 
-# Lab or test packages that the server's own stack requires (vLLM, FastAPI's standard extra, the OpenAI client),
-# so the serving image holds them whatever the split; each must still be in the serving set (no blanket pass).
+# Lab or test packages that the server's own stack requires (vLLM, FastAPI's standard extra, the OpenAI client;
+# compressed-tensors at vLLM's own pin), so the serving image holds them whatever the split; each must still be in
+# the serving set, so this list cannot turn into a blanket pass.
 NEEDED_BY_SERVING = {
-    "cpu": {"numpy", "tqdm", "requests", "pillow", "pyyaml", "httpx", "openai", "jsonschema", "tokenizers"},
-    "gpu": {"numpy", "tqdm", "requests", "pillow", "pyyaml", "httpx", "openai", "jsonschema", "tokenizers"},
+    "compressed-tensors",
+    "httpx",
+    "jsonschema",
+    "loguru",
+    "numpy",
+    "openai",
+    "pillow",
+    "pyyaml",
+    "requests",
+    "tokenizers",
+    "tqdm",
 }
+NEEDED_BY_SERVING_ON = {"cpu": NEEDED_BY_SERVING, "gpu": NEEDED_BY_SERVING | {"nvidia-ml-py"}}
 
 
 @pytest.mark.network
@@ -251,8 +262,33 @@ def test_the_serving_image_installs_no_lab_or_test_package(tmp_path, target):
     extras = project()["optional-dependencies"]
     no_deps = pins(ROOT / "requirements" / "lab-no-deps.txt")
     lab_or_test = {_name(r) for r in extras["lab"] + extras["test"]} | set(no_deps)
-    shared = NEEDED_BY_SERVING[target]
+    shared = NEEDED_BY_SERVING_ON[target]
     assert shared <= lab_or_test and shared <= set(resolved), shared - set(resolved)
     leaked = sorted((lab_or_test - shared) & set(resolved))
     assert not leaked, f"the {target} serving image would install lab/test packages: {leaked}"
     assert resolved.get("compressed-tensors") == "0.17.0"  # vLLM's own pin; the lab's 0.19.0 is not there
+
+
+# ----- the two commands ------------------------------------------------------------------------------------------
+
+
+def make_recipe(target: str) -> str:
+    """The recipe lines of a Makefile target."""
+    text = (ROOT / "Makefile").read_text()
+    block = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", text, re.M)
+    assert block, target
+    return block.group(1)
+
+
+def test_make_test_installs_server_lab_and_tests_and_ci_runs_exactly_it():
+    recipe = make_recipe("test")
+    assert "IDP_EXTRAS=lab,test scripts/install.sh" in recipe
+    assert "scripts/install-test-tools.sh" in recipe and " prepare" in recipe and "-m pytest" in recipe
+    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert ci[-1] == "make test"
+
+
+def test_make_serve_installs_the_lab_that_prepare_runs():
+    recipe = make_recipe("serve")
+    assert "IDP_EXTRAS=lab scripts/install.sh" in recipe
+    assert recipe.index(" prepare") < recipe.index(" serve")
