@@ -12,7 +12,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -20,6 +20,7 @@ from server.core.config import Settings
 from server.online.settings import ServeSettings
 
 if TYPE_CHECKING:
+    from server.lab.evaluate.compare import Comparison
     from server.lab.settings import (
         AttentionSettings,
         CompressSettings,
@@ -89,36 +90,33 @@ def _train(settings: TrainSettings) -> None:
     print(folder)
 
 
-def _eval_inputs(settings: EvalInputs) -> dict[str, Any]:
-    """The arguments `evaluate_all` and `analyse` share, resolved to folders."""
+def _comparison(settings: EvalInputs) -> Comparison:
+    """What `evaluate` and `attention` compare, resolved to folders; an unusable device is refused first."""
     from server.core.identity import resolve
+    from server.lab.evaluate.compare import Comparison
     from server.lab.loading import torch_device
 
-    return {
-        "device": torch_device(settings.device),  # first: an unusable device is refused before anything loads
-        "base_dir": resolve(settings.base, settings.models_dir),
-        "compressed_dir": resolve(settings.model, settings.models_dir),
-        "bank_dir": settings.bank,
-        "single_dir": settings.single,
-        "tasks": settings.tasks,
-        "limit": settings.limit,
-        "data_dir": settings.data_dir,
-        "cache_dir": settings.home / "lora",
-        "lora_rank": settings.lora_rank,
-        "lora_lr": settings.lora_lr,
-    }
+    device = torch_device(settings.device)
+    return Comparison(
+        base_dir=resolve(settings.base, settings.models_dir),
+        compressed_dir=resolve(settings.model, settings.models_dir),
+        bank_dir=settings.bank,
+        single_dir=settings.single,
+        tasks=settings.tasks,
+        limit=settings.limit,
+        data_dir=settings.data_dir,
+        cache_dir=settings.home / "lora",
+        lora_rank=settings.lora_rank,
+        lora_lr=settings.lora_lr,
+        device=device,
+    )
 
 
 def _evaluate(settings: EvaluateSettings) -> None:
     from server.lab.evaluate.compare import evaluate_all
     from server.lab.report import write_report
 
-    result = evaluate_all(
-        **_eval_inputs(settings),
-        samples=settings.bootstrap,
-        server_url=settings.server_url,
-        server_limit=settings.server_limit,
-    )
+    result = evaluate_all(_comparison(settings), settings.bootstrap, settings.server_url, settings.server_limit)
     print(write_report(result, settings.out, _command_line()))
 
 
@@ -126,8 +124,7 @@ def _attention(settings: AttentionSettings) -> None:
     from server.lab.analysis import analyse
     from server.lab.report import write_attention
 
-    rows = analyse(**_eval_inputs(settings))
-    print(write_attention(rows, settings.out, _command_line()))
+    print(write_attention(analyse(_comparison(settings)), settings.out, _command_line()))
 
 
 def _serve(settings: ServeSettings, engine_flags: list[str]) -> None:

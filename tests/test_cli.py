@@ -125,7 +125,7 @@ def test_serve_settings_come_from_flags_over_environment(monkeypatch: pytest.Mon
 def test_selection_device_auto_follows_torch_and_an_unusable_one_is_refused_at_start() -> None:
     import torch
 
-    from server.online.app import selection_device
+    from server.online.placement import selection_device
 
     assert selection_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert selection_device("cpu") == "cpu"
@@ -137,7 +137,7 @@ def test_selection_device_auto_follows_torch_and_an_unusable_one_is_refused_at_s
 
 
 def test_selection_batches_one_input_on_cpu_and_sixteen_on_a_gpu_unless_set() -> None:
-    from server.online.app import selection_batch_size
+    from server.online.placement import selection_batch_size
 
     assert ServeSettings().selection_batch_size is None
     assert selection_batch_size(None, "cpu") == 1, "compute-bound: a batch only delays its first inputs"

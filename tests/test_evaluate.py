@@ -21,7 +21,7 @@ from server.core.config import Settings
 from server.core.identity import embedding_weight, fingerprint
 from server.lab.analysis import attention_deviation, distances, without_first_token
 from server.lab.corpus import SOURCES, source_texts
-from server.lab.evaluate.compare import evaluate_all
+from server.lab.evaluate.compare import Comparison, evaluate_all
 from server.lab.evaluate.examples import eval_examples
 from server.lab.evaluate.leaks import leaked_examples
 from server.lab.evaluate.lora import lora_method
@@ -75,21 +75,10 @@ def test_evaluate_end_to_end(
     """Every method on the same examples, a report with its table, plot and raw records; IDP agrees with forcing
     the prompt it chose; the LoRA adapter is cached, so a rerun loads it instead of training."""
     bank, single = tiny_banks
-    kwargs = {
-        "base_dir": tiny_llama,
-        "compressed_dir": tiny_compressed,
-        "bank_dir": bank,
-        "single_dir": single,
-        "tasks": TASK_SAMPLE,
-        "limit": 3,
-        "data_dir": settings.data_dir,
-        "cache_dir": tmp_path / "lora",
-        "lora_rank": 1,
-        "lora_lr": 1e-3,
-        "samples": 200,
-        "ppl_blocks": 1,
-    }
-    result = evaluate_all(**kwargs)
+    comparison = Comparison(
+        tiny_llama, tiny_compressed, bank, single, TASK_SAMPLE, 3, settings.data_dir, tmp_path / "lora", 1, 1e-3
+    )
+    result = evaluate_all(comparison, samples=200, ppl_blocks=1)
     methods = [
         "base",
         "compressed",

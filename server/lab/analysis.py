@@ -15,15 +15,14 @@ distance is also reported with the first input token's row and column dropped (`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
 from server.core.selection import SELECTION_ATTENTION
+from server.lab.evaluate.compare import Comparison
 from server.lab.evaluate.examples import eval_examples
-from server.lab.evaluate.lora import lora_method
 from server.lab.evaluate.methods import Method, load_methods
 from server.lab.tasks import TASKS
 
@@ -91,25 +90,14 @@ def attention_deviation(base: PreTrainedModel, methods: Sequence[Method], inputs
     ]
 
 
-def analyse(
-    base_dir: Path,
-    compressed_dir: Path,
-    bank_dir: Path,
-    single_dir: Path | None,
-    tasks: Sequence[str] | None,
-    limit: int | None,
-    data_dir: Path,
-    cache_dir: Path,
-    lora_rank: int,
-    lora_lr: float,
-    device: torch.device | str = "cpu",
-) -> list[dict]:
+def analyse(comparison: Comparison) -> list[dict]:
     """Attention deviation of compressed, single prompt, IDP and LoRA (the evaluate command's cached adapter)
-    from the base model, on the contexts of the tasks' test examples (`limit` per task), computed on `device`."""
-    base, methods, _, single = load_methods(base_dir, compressed_dir, bank_dir, single_dir, device)
+    from the base model, on the contexts of the tasks' test examples."""
+    c = comparison
+    base, methods, _, single = load_methods(c.base_dir, c.compressed_dir, c.bank_dir, c.single_dir, c.device)
     methods = [m for m in methods if not m.name.startswith("forced:")]
-    if single is not None and lora_rank > 0:
-        methods.append(lora_method(compressed_dir, base, single, data_dir, cache_dir, lora_rank, lora_lr)[0])
-    tokenizer = AutoTokenizer.from_pretrained(compressed_dir)
-    inputs = [tokenizer(e.context)["input_ids"] for _, _, e in eval_examples(tasks or list(TASKS), limit)]
+    lora, _ = c.lora(base, single) or (None, None)
+    methods += [lora] if lora is not None else []
+    tokenizer = AutoTokenizer.from_pretrained(c.compressed_dir)
+    inputs = [tokenizer(e.context)["input_ids"] for _, _, e in eval_examples(c.tasks or list(TASKS), c.limit)]
     return attention_deviation(base, methods, inputs)

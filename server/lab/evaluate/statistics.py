@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from server.lab.evaluate.examples import GEN_TASKS
+from server.lab import tasks
 from server.lab.tasks import task_split
 
 
@@ -31,10 +32,7 @@ def bootstrap_ci(
 
 def chance(task: str, limit: int | None) -> float:
     """Accuracy of a uniform random guess on the evaluated examples (0 for generative tasks)."""
-    if task in GEN_TASKS:
-        return 0.0
-    examples = task_split(task, "test", limit)
-    return sum(1 / len(e.choices) for e in examples) / len(examples)
+    return 0.0 if task in GEN_TASKS else tasks.chance(task_split(task, "test", limit))
 
 
 def summarize(
