@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from server.lab.evaluate.examples import GEN_TASKS
 from server.lab import tasks
+from server.lab.evaluate.examples import GEN_TASKS
 from server.lab.tasks import task_split
 
 
