@@ -23,8 +23,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from server.core.config import Settings
-
 ARCHIVES_ENV = "IDP_ARCHIVES_DIR"
 
 
@@ -34,6 +32,10 @@ class PackageDataError(RuntimeError):
 
 def archives_dir() -> Path:
     """The folder of pre-downloaded archives: IDP_ARCHIVES_DIR, else HOME/archives."""
+    # Imported here: the lab's modules import this one, and must stay importable where only torch, transformers,
+    # safetensors and pydantic are installed (bench/gpu_check.py on a bare GPU machine), without pydantic-settings.
+    from server.core.config import Settings
+
     return Path(os.environ.get(ARCHIVES_ENV) or Settings().home / "archives")
 
 
