@@ -20,7 +20,8 @@ trained for that hidden size); agreement between devices does not depend on the 
 PATH` uses a converted model folder instead, `--model tiny` a 2-layer random Llama with a random bank (the fast
 test runs that on the CPU, with --device cpu).
 
-Run: `python bench/gpu_check.py` on a GPU machine (about a minute on one GPU; most of it is the CPU side).
+Run from the repository root: `python bench/gpu_check.py` where idp-serve is installed, `PYTHONPATH=. python
+bench/gpu_check.py` on a bare machine with only those packages. Most of its time is the CPU side.
 Float32 throughout, TF32 off, so differences are rounding only.
 """
 
