@@ -211,7 +211,8 @@ def test_defaults_render_a_working_gpu_deployment(chart):
     assert server["resources"]["requests"]["nvidia.com/gpu"] == server["resources"]["limits"]["nvidia.com/gpu"] == 1
     # The model comes from the claim, filled by `idp-serve prepare` before the server starts.
     (init,) = pod["initContainers"]
-    assert init["command"] == ["idp-serve", "prepare"] and init["image"] == server["image"]
+    assert init["command"] == ["idp-serve", "prepare"]
+    assert init["image"] == server["image"].rsplit("-", 1)[0] + "-cpu-lab", "prepare needs the lab image"
     claim = objects["PersistentVolumeClaim"]["metadata"]["name"]
     assert {"name": "models", "persistentVolumeClaim": {"claimName": claim}} in pod["volumes"]
     env = env_of(server)
@@ -270,9 +271,25 @@ def test_image_tag_defaults_to_the_app_version(chart):
     for values, flavour in (({}, "gpu"), ({"gpu": {"count": 0}}, "cpu")):
         pod = by_kind(render(chart, values))["Deployment"]["spec"]["template"]["spec"]
         assert pod["containers"][0]["image"] == f"idp-serve:{app_version}-{flavour}"
-        assert pod["initContainers"][0]["image"] == pod["containers"][0]["image"]
+        assert pod["initContainers"][0]["image"] == f"idp-serve:{app_version}-cpu-lab"
     pod = by_kind(render(chart, {"image": {"tag": "dev"}}))["Deployment"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == "idp-serve:dev"
+
+
+def test_model_init_runs_prepare_in_the_lab_image_with_baked_archives(chart):
+    """The serving targets hold the server alone; `prepare` needs the lab, and on a cluster without PyPI the
+    package archives the lab target bakes in outside the home the chart mounts a volume over."""
+    (init,) = by_kind(render(chart, {}))["Deployment"]["spec"]["template"]["spec"]["initContainers"]
+    target = init["image"].rsplit(":", 1)[1].split("-", 1)[1]
+    assert target == "cpu-lab"
+    chain = stage_chain(target)
+    instructions = [(i, args) for stage, i, args in dockerfile_instructions() if stage in chain]
+    assert any(i == "RUN" and "IDP_EXTRAS=lab" in args for i, args in instructions)
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(args for i, args in instructions if i == "ENV")))
+    archives = env["IDP_ARCHIVES_DIR"]
+    assert any(i == "RUN" and f"scripts/download_archives.sh {archives}" in args for i, args in instructions)
+    home = {m["mountPath"] for m in init["volumeMounts"]}
+    assert not any(archives.startswith(mount + "/") for mount in home), "a volume would hide the archives"
 
 
 def test_model_init_image_without_a_tag(chart):

@@ -42,13 +42,16 @@ Dockerfile's targets are built with. */}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default (printf "%s-%s" .Chart.AppVersion $flavour)) }}
 {{- end }}
 
-{{/* The init container's image: modelInit.image.repository[:tag] (no tag: the registry's default), else the
-server image. */}}
+{{/* The init container's image. Default: the server image's repository with the lab target's tag
+("<appVersion>-cpu-lab"): the serving images hold the server alone, and `idp-serve prepare` needs the lab and the
+package archives only the lab targets carry. With modelInit.image.repository set, its tag (none: the registry's
+default). */}}
 {{- define "idp-serve.modelInitImage" -}}
 {{- with .Values.modelInit.image }}
-{{- if and .repository .tag }}{{ printf "%s:%s" .repository .tag }}
-{{- else if .repository }}{{ .repository }}
-{{- else }}{{ include "idp-serve.image" $ }}
+{{- if .repository }}
+{{- if .tag }}{{ printf "%s:%s" .repository .tag }}{{ else }}{{ .repository }}{{ end }}
+{{- else }}
+{{- printf "%s:%s" $.Values.image.repository (.tag | default (printf "%s-cpu-lab" $.Chart.AppVersion)) }}
 {{- end }}
 {{- end }}
 {{- end }}
