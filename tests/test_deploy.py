@@ -389,6 +389,11 @@ def test_other_branches(chart):
 def test_cpu_image_requests_no_gpu(chart):
     (server,) = by_kind(render(chart, SCENARIOS["cpu-image"]))["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert not any("gpu" in r for part in server["resources"].values() for r in part)
+    # The GPU's CUDA graphs and KV size are not forced on a CPU: the server's own defaults apply.
+    assert not {"IDP_ENFORCE_EAGER", "IDP_KV_CACHE_GIB"} & set(env_of(server))
+    values = merge(SCENARIOS["cpu-image"], {"serve": {"enforceEager": True, "kvCacheGiB": 2}})
+    (server,) = by_kind(render(chart, values))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert (env_of(server)["IDP_ENFORCE_EAGER"], env_of(server)["IDP_KV_CACHE_GIB"]) == ("true", "2")
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
