@@ -187,9 +187,16 @@ def _choose_command(argv: list[str]) -> str:
 
 
 def _error(command: str, exc: Exception) -> str:
+    """One line naming the command, and for refused settings each field, the problem and the value given."""
     if isinstance(exc, ValidationError):
-        exc = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+        exc = "; ".join(_field_error(e) for e in exc.errors())
     return f"idp-serve {command}: error: {exc}"
+
+
+def _field_error(error: dict) -> str:
+    if not error["loc"]:  # a check across fields (e.g. gptq needs bits): the whole input is no help
+        return error["msg"]
+    return f"{'.'.join(map(str, error['loc']))}: {error['msg']} (got {error['input']!r})"
 
 
 def split_engine_flags(argv: list[str]) -> tuple[list[str], list[str]]:
