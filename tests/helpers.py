@@ -229,8 +229,9 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     @property
-    def serving(self) -> Any:
-        return self.app.state.serving
+    def engine(self) -> Any:
+        """The server's `Engine` (server.online.engine), as the app lifespan made it."""
+        return self.app.state.engine
 
     def client(self) -> openai.OpenAI:
         import openai
@@ -269,6 +270,7 @@ def start_server(model: Path, home: Path, banks: list[PromptBank]) -> LiveServer
         model=str(model),
         banks_dir=home / "banks",
         default_bank=banks[0].name if banks else None,
+        allow_empty_banks_dir=not banks,
         max_model_len=512,
         kv_cache_gib=1,
         dtype="float32",

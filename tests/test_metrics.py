@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.core.banks import PromptBank, save_bank
 from server.core.identity import fingerprint
-from tests.test_server import LiveServer, idp, random_bank, start_server
+from tests.helpers import LiveServer, idp, random_bank, start_server
 
 pytestmark = pytest.mark.slow
 

@@ -40,12 +40,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from transformers import AutoTokenizer
 
-from bench.load import load_inputs, offline_selection, process_rss, run_load
+from bench.load import load_inputs, process_rss, run_load
 from server.core.banks import BankError, PromptBank, bank_dir, check_name, make_bank, save_bank
 from server.core.identity import fingerprint
 from server.online.app import EXIT_ENGINE_DEAD, create_app
 from server.online.settings import ServeSettings
-from tests.test_server import LiveServer, random_bank
+from tests.helpers import LiveServer, offline_selection, random_bank
 
 API_KEY = "sk-test-3f9a1c0e-do-not-log"
 AUTH = {"authorization": f"Bearer {API_KEY}"}

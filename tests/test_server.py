@@ -1,18 +1,17 @@
 """The HTTP server end to end: a real uvicorn on loopback, a real vLLM engine, real selection, real clients.
 
-Most tests run against a tiny random Llama (real tokenizer) with two random banks whose rows are sampled from its
-embedding table: fast, and the numbers are still exact comparisons (selection against `CachedSelector`, greedy
-text against vLLM fed [prompt | input] embeds directly, echo logprobs against a transformers forward). The tests
-marked slow repeat the central checks on the real model. One server per module: an engine takes ~20-30 s.
+Most tests run against a tiny random Llama (a byte-level BPE tokenizer trained in tests/helpers.py) with two
+random banks whose rows are sampled from its embedding table: quick, and the numbers are still exact comparisons
+(selection against `CachedSelector`, greedy text against vLLM fed [prompt | input] embeds directly, echo logprobs
+against a transformers forward). The last test repeats the central checks on the real model. Every test here
+starts an engine, so the module is marked slow; tests/test_serving_unit.py checks the same serving logic against
+a fake engine in the fast suite. One server per module: starting an engine is the slow part.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,83 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import psutil
 import pytest
 import torch
-import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.core.banks import PromptBank, make_bank, save_bank
-from server.core.identity import embedding_weight, fingerprint
+from server.core.banks import PromptBank
+from server.core.identity import embedding_weight
 from server.core.selection import CachedSelector, load_selection_model
-from server.online.app import create_app
-from server.online.settings import ServeSettings
+from tests.helpers import LiveServer, idp, random_bank, start_server
 
 pytestmark = pytest.mark.slow
 
 LM_EVAL_PROMPTS = ["The capital of France is Paris", "Two plus two equals four, said the teacher"]
-
-
-class LiveServer:
-    """create_app(settings) under uvicorn in a thread with its own event loop, on a free loopback port."""
-
-    def __init__(self, settings: ServeSettings) -> None:
-        self.app = create_app(settings)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._server.serve(),))
-
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        while not self._server.started:
-            self._thread.join(0.2)
-            if not self._thread.is_alive():
-                raise RuntimeError("the server did not start (see the log above)")
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(120)
-
-    def call(self, coroutine: Any, timeout: float = 120) -> Any:
-        """Run a coroutine on the server's loop (where its vLLM engine lives) and wait for the result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
-
-    @property
-    def engine(self) -> Any:
-        """The server's `Engine` (server.online.engine), as the app lifespan made it."""
-        return self.app.state.engine
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-    def post(self, path: str, body: dict[str, Any] | str) -> httpx.Response:
-        content = body if isinstance(body, str) else json.dumps(body)
-        headers = {"content-type": "application/json"}
-        return httpx.post(f"{self.url}{path}", content=content, headers=headers, timeout=300)
-
-
-def random_bank(model: Path, name: str, k: int, m: int, seed: int) -> PromptBank:
-    """K prompts of m rows sampled from the model's own embedding table (in-distribution, distinct)."""
-    table = embedding_weight(model)
-    rows = torch.randint(0, table.shape[0], (k, m), generator=torch.Generator().manual_seed(seed))
-    return make_bank(name, table[rows], [f"{name}-p{i}" for i in range(k)], fingerprint(model))
-
-
-def start_server(model: Path, home: Path, banks: list[PromptBank]) -> LiveServer:
-    for bank in banks:
-        save_bank(bank, home / "banks" / bank.name)
-    settings = ServeSettings(
-        home=home, model=str(model), banks_dir=home / "banks", default_bank=banks[0].name if banks else None,
-        allow_empty_banks_dir=not banks, max_model_len=512, kv_cache_gib=1, dtype="float32",
-    )
-    return LiveServer(settings)
 
 
 async def direct_greedy(live: LiveServer, prompt: dict[str, Any], max_tokens: int) -> str:
@@ -109,11 +44,6 @@ async def direct_greedy(live: LiveServer, prompt: dict[str, Any], max_tokens: in
     async for out in live.engine.async_llm.generate(prompt, params, f"direct-{uuid.uuid4().hex}"):
         last = out
     return last.outputs[0].text
-
-
-def idp(choice: Any) -> dict[str, Any]:
-    """The `idp` extension field of an openai-client choice."""
-    return choice.model_extra["idp"]
 
 
 # ----- the tiny-model server ----------------------------------------------------------------------------------
