@@ -139,7 +139,8 @@ def dashboard_metric_names(board: dict[str, Any]) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def banks(tiny_llama: Path) -> dict[str, PromptBank]:
     """m-alpha: the default, for request tests; m-tally: only the Prometheus test; m-idle: never requested."""
-    made = [random_bank(tiny_llama, "m-alpha", k=3, m=4, seed=11), random_bank(tiny_llama, "m-tally", k=2, m=4, seed=12),
+    made = [random_bank(tiny_llama, "m-alpha", k=3, m=4, seed=11),
+            random_bank(tiny_llama, "m-tally", k=2, m=4, seed=12),
             random_bank(tiny_llama, "m-idle", k=2, m=5, seed=13)]
     return {bank.name: bank for bank in made}
 
@@ -189,7 +190,8 @@ def test_bank_reloads_and_refused_reloads_are_counted(live: LiveServer, banks: d
     assert live.post("/admin/banks/reload", {}).status_code == 200
     reloaded = scrape(live)
     for name in banks:
-        assert value(reloaded, "idp_bank_loads_total", bank=name) == value(before, "idp_bank_loads_total", bank=name) + 1
+        loads = value(before, "idp_bank_loads_total", bank=name)
+        assert value(reloaded, "idp_bank_loads_total", bank=name) == loads + 1
 
     broken = home / "banks" / "m-zbroken"  # loads last, after every good bank
     save_bank(random_bank(tiny_llama, "m-zbroken", k=2, m=3, seed=15), broken)
@@ -316,8 +318,9 @@ def test_label_values_never_come_from_requests(live: LiveServer, tiny_llama: Pat
     text = httpx.get(f"{live.url}/metrics").text
     assert probe not in text
     samples = scrape(live)
-    assert value(samples, "idp_http_requests_total", handler="/v1/completions", status="405") == value(
-        before, "idp_http_requests_total", handler="/v1/completions", status="405") + 1, "a wrong method keeps its route"
+    wrong_method = {"handler": "/v1/completions", "status": "405"}
+    assert value(samples, "idp_http_requests_total", **wrong_method) == value(
+        before, "idp_http_requests_total", **wrong_method) + 1, "a wrong method keeps its route"
     handlers = {s["handler"] for s in series(samples, "idp_http_requests_total")}
     routes = {route.path for route in live.app.routes}
     assert handlers <= routes | {"other"}, handlers - routes
@@ -373,7 +376,8 @@ def test_dashboard_is_importable_and_templated() -> None:
     for panel in board["panels"]:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]
-        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        xs, ys = range(grid["x"], grid["x"] + grid["w"]), range(grid["y"], grid["y"] + grid["h"])
+        area = {(x, y) for x in xs for y in ys}
         assert not area & cells, f"panel {panel['title']!r} overlaps another"
         cells |= area
         if panel["type"] == "row":
@@ -381,7 +385,7 @@ def test_dashboard_is_importable_and_templated() -> None:
         assert panel["datasource"] == DATASOURCE and panel["targets"], panel["title"]
         assert all(t["datasource"] == DATASOURCE and t["expr"] for t in panel["targets"]), panel["title"]
         assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), panel["title"]
-    for where, expr in panel_queries(board):
+    for _, expr in panel_queries(board):
         substitute(expr, {name: ".*" for name in variables})  # every variable used is defined
     used = dashboard_metric_names(board)
     for needed in ("idp_selections_total", "idp_selection_duration_seconds_bucket",
@@ -479,7 +483,7 @@ def test_prometheus_scrapes_selection_counts(live: LiveServer, prometheus: str, 
     assert (row["metric"]["k"], row["metric"]["m"], float(row["value"][1])) == ("2", "4", 2.0)
 
     variables = {v["name"]: ".*" for v in board["templating"]["list"]}
-    for title, expr in panel_queries(board):
+    for _, expr in panel_queries(board):
         query(prometheus, substitute(expr, variables))  # valid PromQL, evaluated by Prometheus itself
     for name, selector in variable_selectors(board):
         assert query(prometheus, substitute(selector, variables)), f"${name} would offer no values"
