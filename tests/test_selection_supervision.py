@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from server.core.selection import Selection
-from server.online.app import EXIT_ENGINE_DEAD, EXIT_SELECTION_DEAD, _supervise
+from server.online.app import EXIT_ENGINE_DEAD, EXIT_SELECTION_DEAD, EXIT_START_FAILED, _supervise, run
 from server.online.selection_queue import SelectionQueue, SelectionUnavailableError
+from server.online.settings import ServeSettings
 
 
 class Answering:
@@ -130,3 +132,11 @@ def test_the_supervisor_hands_over_after_the_grace_period_with_the_parts_exit_st
     before, calls = asyncio.run(main())
     assert before == [] and calls == [status]
     assert EXIT_SELECTION_DEAD != EXIT_ENGINE_DEAD and 0 not in (EXIT_SELECTION_DEAD, EXIT_ENGINE_DEAD)
+
+
+def test_a_server_that_fails_to_start_exits_non_zero(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn logs a failed lifespan start and returns; `run` must not let that look like a clean exit (0)."""
+    settings = ServeSettings(home=tmp_path, model=str(tmp_path / "no-such-model"), port=0, log_level="critical")
+    with pytest.raises(SystemExit) as exit_info:
+        run(settings)
+    assert exit_info.value.code == EXIT_START_FAILED != 0

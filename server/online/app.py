@@ -252,7 +252,12 @@ def run(settings: ServeSettings) -> None:
         log_level=settings.log_level, timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    except SystemExit as error:  # uvicorn's own status for a failed start is 3, which is EXIT_ENGINE_DEAD here
+        if server.started:
+            raise
+        raise SystemExit(EXIT_START_FAILED) from error
     if fatal is not None:
         raise SystemExit(fatal)
     if not server.started:
