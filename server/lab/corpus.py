@@ -69,3 +69,12 @@ def source_texts(name: str, data_dir: Path, heldout: bool = False) -> list[str]:
         return lee_heldout(data_dir) if heldout else lee_train(data_dir)
     split = "dev" if heldout else "train"
     return [e.rendered() for task in SOURCES[name] for e in task_split(task, split)]
+
+
+def domain_blocks(tokenizer: PreTrainedTokenizerBase, sources: tuple[str, ...], data_dir: Path, seq_len: int,
+                  heldout: bool = False, seed: int = 0) -> torch.Tensor:
+    """Token blocks [N, seq_len] of the union of training domains, in a seeded shuffled order (the order a
+    teacher cache and `recipe` training read them in)."""
+    texts = [t for name in sources for t in source_texts(name, data_dir, heldout=heldout)]
+    blocks = token_blocks(tokenizer, texts, seq_len)
+    return blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))]

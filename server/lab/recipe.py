@@ -284,18 +284,26 @@ def _batch(step: int, general: Supervision, general_per_batch: int, domain: Supe
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m server.lab.recipe general`: train (or resume) the general prompt against the default
-    compressed model on general text, keeping learning-curve checkpoints; state in bench/runs/<run>/."""
+    """Train (or resume) one prompt of the recipe against the default compressed model; state in bench/runs/<run>/.
+
+    `general`: the general prompt on general text, keeping learning-curve checkpoints.
+    `domain`: a prompt warm-started from a general run's best prompt and fine-tuned on the union of `--sources`
+    mixed with general text: one source makes a bank prompt; all the bank's sources with the bank's summed
+    `--tokens` make the compute-matched single prompt.
+    """
     import argparse
+
+    from transformers import AutoTokenizer
 
     from server.core.config import Settings
     from server.core.identity import DEFAULT_BASE, DEFAULT_MODEL, verified_weights_digest
+    from server.lab.corpus import domain_blocks
     from server.lab.loading import freeze, load_model, torch_device
-    from server.lab.teacher_cache import general_cache
+    from server.lab.teacher_cache import cache_for, general_cache
 
     settings = Settings()
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("what", choices=("general",))
+    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("general", "domain"))
     parser.add_argument("--run", required=True, help="Run name: state lives in bench/runs/<run>/.")
     parser.add_argument("--student", type=Path, default=settings.models_dir / DEFAULT_MODEL)
     parser.add_argument("--teacher", type=Path, default=settings.models_dir / DEFAULT_BASE)
@@ -304,20 +312,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", default="10000,30000,100000,300000")
     parser.add_argument("--num-virtual-tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--init-run", help="domain: the general run whose best prompt starts this one.")
+    parser.add_argument("--sources", default="", help="domain: comma-separated corpus.SOURCES names.")
+    parser.add_argument("--domain-per-batch", type=int, default=2, help="domain: blocks of 4 from the domain.")
     parser.add_argument("--max-seconds", type=float, default=math.inf)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     torch.set_num_threads(settings.torch_threads)
+    domain_run = args.what == "domain"
+    if domain_run and not (args.init_run and args.sources):
+        parser.error("domain needs --init-run and --sources")
     spec = RecipeSpec(tokens=args.tokens, num_virtual_tokens=args.num_virtual_tokens, lr=args.lr,
-                      checkpoints=tuple(int(c) for c in args.checkpoints.split(",") if c))
+                      checkpoints=tuple(int(c) for c in args.checkpoints.split(",") if c),
+                      domain_per_batch=args.domain_per_batch if domain_run else 0)
     general = general_cache(args.teacher, settings.data_dir, "train", args.seq_len)
     dev = general_cache(args.teacher, settings.data_dir, "dev", args.seq_len)
+    domain = None
+    identity = {"student": args.student.name, "student_weights_sha256": verified_weights_digest(args.student),
+                "teacher_cache": general.folder.name, "seq_len": args.seq_len}
+    if domain_run:
+        tokenizer, sources = AutoTokenizer.from_pretrained(args.teacher), tuple(args.sources.split(","))
+        domain = cache_for(args.teacher, settings.data_dir, domain_blocks(tokenizer, sources, settings.data_dir,
+                                                                           args.seq_len))
+        dev = cache_for(args.teacher, settings.data_dir, domain_blocks(tokenizer, sources, settings.data_dir,
+                                                                        args.seq_len, heldout=True))
+        for cache in (domain, dev):
+            if not cache.complete():  # small: a few minutes of teacher forwards, done once
+                cache.build(freeze(load_model(args.teacher)))
+        identity |= {"init_run": args.init_run, "sources": list(sources), "domain_cache": domain.folder.name}
+    identity["dev_cache"] = dev.folder.name
     run = RunFolder(RUNS_DIR / args.run)
-    run.start(spec, {"student": args.student.name, "student_weights_sha256": verified_weights_digest(args.student),
-                     "teacher_cache": general.folder.name, "dev_cache": dev.folder.name, "seq_len": args.seq_len})
+    run.start(spec, identity)
     student = freeze(load_model(args.student, device=torch_device(args.device)))
-    init = sampled_init(student, general.blocks, spec.num_virtual_tokens, spec.seed)
-    state = train_prompt(student, init, general, spec, run, dev=dev, max_seconds=args.max_seconds)
+    if domain_run:
+        init = RunFolder(RUNS_DIR / args.init_run).best_prompt()
+    else:
+        init = sampled_init(student, general.blocks, spec.num_virtual_tokens, spec.seed)
+    state = train_prompt(student, init, general, spec, run, dev=dev, domain=domain, max_seconds=args.max_seconds)
     print(json.dumps({"run": str(run.folder), "step": state.step, "of": total_steps(spec, args.seq_len),
                       "best_dev_kl": state.best_dev, "done": state.done}), flush=True)
 

@@ -160,7 +160,8 @@ class TeacherCache:
         if shard not in self._open:
             path = self.shard_path(shard)
             if not path.exists():
-                raise CacheError(f"{path} is missing: build the teacher cache first ({len(self.missing())} shards to go)")
+                to_go = len(self.missing())
+                raise CacheError(f"{path} is missing: build the teacher cache first ({to_go} shards to go)")
             f = safe_open(path, framework="pt")
             if f.metadata() != self.meta:
                 raise CacheError(f"{path} was made for {f.metadata()}, not {self.meta}")
@@ -168,19 +169,25 @@ class TeacherCache:
         return self._open[shard]
 
 
+def cache_for(teacher_dir: Path, data_dir: Path, blocks: torch.Tensor, k: int = DEFAULT_TOP_K) -> TeacherCache:
+    """The cache of `blocks` for the teacher in `teacher_dir`, under the data dir."""
+    from server.core.identity import verified_weights_digest
+
+    digest = verified_weights_digest(teacher_dir)
+    if digest is None:
+        raise CacheError(f"{teacher_dir}: the teacher must be a dense model folder (its weights digest keys the cache)")
+    return TeacherCache(data_dir / "teacher-cache", blocks, digest, k, shard_blocks=32)
+
+
 def general_cache(teacher_dir: Path, data_dir: Path, split: str, seq_len: int, k: int = DEFAULT_TOP_K,
                   seed: int = 0) -> TeacherCache:
     """The cache of one general-text split's blocks (`general_text.general_blocks` order) for a teacher folder."""
     from transformers import AutoTokenizer
 
-    from server.core.identity import verified_weights_digest
     from server.lab.general_text import general_blocks
 
-    digest = verified_weights_digest(teacher_dir)
-    if digest is None:
-        raise CacheError(f"{teacher_dir}: the teacher must be a dense model folder (its weights digest keys the cache)")
-    blocks = general_blocks(AutoTokenizer.from_pretrained(teacher_dir), data_dir, split, seq_len, seed)  # type: ignore[arg-type]
-    return TeacherCache(data_dir / "teacher-cache", blocks, digest, k, shard_blocks=32)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    return cache_for(teacher_dir, data_dir, general_blocks(tokenizer, data_dir, split, seq_len, seed), k)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:
