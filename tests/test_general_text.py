@@ -36,7 +36,8 @@ def test_strip_wikitext_keeps_prose_and_link_labels_and_drops_markup():
         "== References ==\n"
         "Everything after here is a reference list."
     )
-    assert strip_wikitext(wikitext) == "Ada was a mathematician from London. She wrote notes.\nLife\nSee the site & more."
+    expected = "Ada was a mathematician from London. She wrote notes.\nLife\nSee the site & more."
+    assert strip_wikitext(wikitext) == expected
 
 
 def test_the_wheels_hold_the_passages_and_articles(docs: list[Document]):
