@@ -41,8 +41,9 @@ RUN groupadd --gid 10001 idp \
  && install -d -o 10001 -g 0 -m 0775 /models \
  && chgrp 0 /home/idp && chmod 0775 /home/idp
 # Build-time pip settings, then the run-time settings all targets share. install.sh is given its own IDP_HOME
-# (/opt/idp-serve, where the venv stays, owned by root) below, so the run-time IDP_HOME does not move it. Nothing
-# reaches out at run time: no usage statistics (vLLM), no model hub (Hugging Face; models come from /models).
+# (/opt/idp-serve, where the venv stays, owned by root) below, so the run-time IDP_HOME does not move it, and the
+# build steps run with root's own HOME, so no cache they write lands root-owned in the user's. Nothing reaches out
+# at run time: no usage statistics (vLLM), no model hub (Hugging Face; models come from /models).
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
@@ -80,19 +81,19 @@ FROM cpu-base AS cpu-lab
 # The server and the lab. install.sh prints the venv it made on stdout (its progress goes to stderr);
 # /opt/idp-serve/venv names it for PATH (checked: the entrypoint must be there). No pipe, so a failed install
 # fails the build.
-RUN venv=$(IDP_FLAVOUR=cpu IDP_EXTRAS=lab IDP_HOME=/opt/idp-serve scripts/install.sh) \
+RUN venv=$(HOME=/root IDP_FLAVOUR=cpu IDP_EXTRAS=lab IDP_HOME=/opt/idp-serve scripts/install.sh) \
  && ln -s "$venv" /opt/idp-serve/venv \
  && test -x /opt/idp-serve/venv/bin/idp-serve
 # .dockerignore lets only the package, the banks and install.sh's inputs through.
 COPY . .
 # The package archives `prepare` would otherwise pip-download at run time (the list comes from the lab's source,
 # hence after the COPY), outside the home the chart mounts a volume over.
-RUN scripts/download_archives.sh /opt/idp-serve/archives
+RUN HOME=/root scripts/download_archives.sh /opt/idp-serve/archives
 ENV IDP_ARCHIVES_DIR=/opt/idp-serve/archives
 USER 10001
 
 FROM cpu-base AS cpu
-RUN venv=$(IDP_FLAVOUR=cpu IDP_EXTRAS='' IDP_HOME=/opt/idp-serve scripts/install.sh) \
+RUN venv=$(HOME=/root IDP_FLAVOUR=cpu IDP_EXTRAS='' IDP_HOME=/opt/idp-serve scripts/install.sh) \
  && ln -s "$venv" /opt/idp-serve/venv \
  && test -x /opt/idp-serve/venv/bin/idp-serve
 COPY . .
@@ -144,17 +145,17 @@ COPY server/__init__.py server/
 ARG PIP_INDEX_URL
 
 FROM gpu-base AS gpu-lab
-RUN venv=$(IDP_FLAVOUR=gpu IDP_EXTRAS=lab IDP_HOME=/opt/idp-serve scripts/install.sh) \
+RUN venv=$(HOME=/root IDP_FLAVOUR=gpu IDP_EXTRAS=lab IDP_HOME=/opt/idp-serve scripts/install.sh) \
  && ln -s "$venv" /opt/idp-serve/venv \
  && test -x /opt/idp-serve/venv/bin/idp-serve
 COPY . .
-RUN scripts/download_archives.sh /opt/idp-serve/archives
+RUN HOME=/root scripts/download_archives.sh /opt/idp-serve/archives
 ENV IDP_ARCHIVES_DIR=/opt/idp-serve/archives
 USER 10001
 
 # The default target (last): the server alone on the GPU.
 FROM gpu-base AS gpu
-RUN venv=$(IDP_FLAVOUR=gpu IDP_EXTRAS='' IDP_HOME=/opt/idp-serve scripts/install.sh) \
+RUN venv=$(HOME=/root IDP_FLAVOUR=gpu IDP_EXTRAS='' IDP_HOME=/opt/idp-serve scripts/install.sh) \
  && ln -s "$venv" /opt/idp-serve/venv \
  && test -x /opt/idp-serve/venv/bin/idp-serve
 COPY . .

@@ -111,6 +111,9 @@ def test_images_run_offline_and_under_any_uid(target):
     setup = " ".join(args for stage, i, args in dockerfile_instructions() if i == "RUN" and stage in chain)
     assert re.search(r"chgrp 0 /home/idp && chmod 0775 /home/idp", setup)
     assert re.search(r"install -d -o 10001 -g 0 -m 0775 /models", setup)
+    # Build steps run as root: with root's HOME, or the caches they write would sit root-owned in the user's home.
+    builds = [args for stage, i, args in dockerfile_instructions() if i == "RUN" and stage == target]
+    assert builds and all(args.startswith("HOME=/root ") or "$(HOME=/root " in args for args in builds), builds
 
 
 @pytest.mark.parametrize("target", LAB)
