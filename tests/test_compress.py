@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +18,10 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from server.cli import main
-from server.lab.compress import CompressionSpec, compress
 from server.core.config import Settings
+from server.core.identity import DEFAULT_WEIGHTS_SHA256, ModelError, fingerprint, read_card, servable, weights_digest
+from server.lab.compress import CompressionSpec, compress
 from server.lab.loading import load_model
-from server.core.identity import read_card
 from tests.vllm_generate import generate
 
 TINY_CALIBRATION = {"calibration_samples": 4, "calibration_len": 64}
@@ -50,11 +54,48 @@ def test_every_method_loads_in_transformers_and_generates(tiny_variants: dict[st
         assert out.shape == (1, 10), slug
 
 
+@pytest.mark.slow
 def test_every_method_loads_in_vllm_and_generates(tiny_variants: dict[str, Path]) -> None:
-    models = [(folder, read_card(folder).serve_dtype) for folder in tiny_variants.values()]
+    """Each variant is served as this CPU allows: the 4-bit checkpoint itself with AVX-512 (vLLM's cpu_gemm_wna16),
+    its dense twin without; the others (3-bit: no CPU kernel; pruned: dense) always run dense."""
+    avx512 = torch.cpu._is_avx512_supported()
+    served = {slug: servable(folder, gpu=False) for slug, folder in tiny_variants.items()}
+    four_bit = tiny_variants["gptq-w4g64"]
+    assert served["gptq-w4g64"] == (four_bit if avx512 else four_bit.parent / read_card(four_bit).twin)
+    models = [(folder, read_card(folder).serve_dtype) for folder in served.values()]
     texts = generate("The capital of France is", 6, models)
     assert set(texts) == {str(folder) for folder, _ in models}
     assert all(len(text) > 0 for text in texts.values())
+
+
+_WITHOUT_AVX512 = """
+import sys, torch
+torch.cpu._is_avx512_supported = lambda: False   # what vLLM's CPU platform asks before loading _C_AVX2
+from vllm import LLM, SamplingParams
+try:
+    llm = LLM(sys.argv[1], dtype=sys.argv[2], enforce_eager=True, distributed_executor_backend="uni", max_model_len=256)
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0))
+    print("SERVED", out[0].outputs[0].text)
+except Exception as exc:
+    print("FAILED", repr(exc)[:500])
+"""
+
+
+@pytest.mark.slow
+def test_vllm_without_avx512_lacks_the_4bit_kernel_and_serves_the_twin(tiny_variants: dict[str, Path]) -> None:
+    """vLLM's AVX2 branch, taken here by telling it the CPU has no AVX-512 (ATEN_CPU_CAPABILITY cannot: vLLM asks
+    the hardware): the 4-bit checkpoint fails for want of cpu_gemm_wna16, the folder `servable` picks runs."""
+    four_bit = tiny_variants["gptq-w4g64"]
+    fallback = servable(four_bit, gpu=False, avx512=False)
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    outcome = {}
+    for folder in (four_bit, fallback):
+        proc = subprocess.run([sys.executable, "-c", _WITHOUT_AVX512, str(folder), read_card(folder).serve_dtype],
+                              capture_output=True, text=True, env=os.environ | env, check=False)
+        outcome[folder] = next((line for line in proc.stdout.splitlines() if line.startswith(("SERVED", "FAILED"))),
+                               proc.stderr[-2000:])
+    assert outcome[four_bit].startswith("FAILED") and "cpu_gemm_wna16" in outcome[four_bit], outcome[four_bit]
+    assert outcome[fallback].startswith("SERVED"), outcome[fallback]
 
 
 def test_quantized_checkpoint_is_kept_for_gpu_with_a_dense_twin_for_cpu(tiny_variants: dict[str, Path]) -> None:
@@ -70,9 +111,31 @@ def test_quantized_checkpoint_is_kept_for_gpu_with_a_dense_twin_for_cpu(tiny_var
     assert max(g.unique().numel() for g in w.view(-1, 64)[:64]) <= 8
 
 
-def test_4bit_checkpoint_runs_on_cpu_as_is(tiny_variants: dict[str, Path]) -> None:
-    card = read_card(tiny_variants["gptq-w4g64"])
-    assert card.format == "compressed-tensors" and "cpu" in card.serves_on and card.twin is None
+def test_twins_share_one_weights_digest_so_a_bank_serves_both(tiny_variants: dict[str, Path]) -> None:
+    """The checkpoint records its twin's digest (same numbers), recomputed here from the twin's tensors."""
+    for slug in ("gptq-w3g64", "gptq-w4g64"):
+        folder = tiny_variants[slug]
+        other = folder.parent / read_card(folder).twin
+        real, dense = (other, folder) if read_card(folder).role == "dequantized" else (folder, other)
+        assert fingerprint(real).weights_sha256 == fingerprint(dense).weights_sha256 == weights_digest(dense), slug
+
+
+def test_4bit_checkpoint_claims_only_avx512_cpus_and_has_a_dense_twin(tiny_variants: dict[str, Path]) -> None:
+    folder = tiny_variants["gptq-w4g64"]
+    card = read_card(folder)
+    assert card.format == "compressed-tensors" and card.serves_on == ["cpu-avx512", "gpu"] and card.twin
+    twin = folder.parent / card.twin
+    assert servable(folder, gpu=False, avx512=True) == folder
+    assert servable(folder, gpu=True, avx512=False) == folder
+    assert servable(folder, gpu=False, avx512=False) == twin
+
+
+def test_a_checkpoint_without_its_cpu_kernel_or_twin_is_refused_naming_the_kernel(
+        tiny_variants: dict[str, Path], tmp_path: Path) -> None:
+    alone = shutil.copytree(tiny_variants["gptq-w4g64"], tmp_path / "w4-alone")
+    with pytest.raises(ModelError, match=r"w4-alone.*cpu_gemm_wna16 \(needs AVX-512\).*GPU") as info:
+        servable(alone, gpu=False, avx512=False)
+    assert read_card(alone).twin in str(info.value)
 
 
 @pytest.mark.parametrize("slug", ["sparsegpt-50pct", "wanda-50pct"])
@@ -102,11 +165,14 @@ def _continuation_perplexity(model_dir: Path, prompt: str, continuation: str) ->
 def test_default_variant_loses_perplexity_and_still_speaks(base_model: Path, served_model: Path) -> None:
     """The default variant is clearly damaged (held-out perplexity) yet still writes language in vLLM.
 
+    These are THE default weights (the digest the repo records, so every machine tests the same model).
     "Language" is judged by the uncompressed model: its perplexity of the compressed model's greedy continuation
-    must stay far below that of random tokens (measured: ~63 for this continuation, ~2.8 million for 16 random
-    tokens). The 3-bit model no longer knows that Paris is France's capital, so a fact check would be wrong here.
+    must stay far below that of random tokens (about 2.8 million for 16 random tokens; docs/default-model.md has
+    what this model writes and its value). The 3-bit model no longer knows that Paris is France's capital, so a
+    fact check would be wrong here.
     """
     base, served = read_card(base_model), read_card(served_model)
+    assert fingerprint(served_model).weights_sha256 == DEFAULT_WEIGHTS_SHA256
     assert served.measured["heldout_ppl"] > 1.2 * base.measured["heldout_ppl"]
     prompt = "Once upon a time, there was a"
     text = generate(prompt, 16, [(served_model, served.serve_dtype)])[str(served_model)]

