@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
 
 CARD_FILE = "idp_model.json"
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -27,7 +30,7 @@ DEFAULT_MODEL = f"{DEFAULT_BASE}-gptq-w3g64-dense"
 
 DEFAULT_BASE_WEIGHTS_SHA256 = "9dc5603792b70804ade932b45cc914fc9ca8c0ac635291996cc7cd521e73a94c"
 """`weights_digest` of DEFAULT_BASE as `idp-serve prepare` converts it (the same on every machine)."""
-DEFAULT_WEIGHTS_SHA256 = "TBD"
+DEFAULT_WEIGHTS_SHA256 = "ce9847ca9d2853f56f15d0836a8b335176a3b04c435b4dddd702574b6fc252ff"
 """`weights_digest` of DEFAULT_MODEL: what `idp-serve prepare` must reproduce, bit for bit, on any x86-64 CPU, and
 what the shipped prompt banks record (docs/default-model.md; tests/test_reproducible.py checks it)."""
 
@@ -106,7 +109,7 @@ class Fingerprint(BaseModel):
     vocab_size: int
     weights: str = Field(description="Name of the model folder the fingerprint was taken from.")
     weights_sha256: str | None = Field(
-        None, description="`weights_digest` of the weights (None: not known, e.g. a compressed checkpoint without card)."
+        None, description="`weights_digest` of the weights (None: unknown, e.g. a compressed checkpoint without card)."
     )
 
 
@@ -207,9 +210,9 @@ def servable(folder: Path, gpu: bool | None = None, avx512: bool | None = None) 
 
     `gpu` defaults to whether torch sees CUDA (then vLLM is its CUDA build and serves every format); `avx512` to
     what vLLM itself asks, `torch.cpu._is_avx512_supported()` (the hardware, which no environment variable
-    changes). On a CPU, A folder without card, or one whose card says 'cpu', is served as is; a
-    checkpoint whose CPU kernel is missing falls back to its twin (same weights, so the same banks), and without
-    a twin it is refused with the kernel's name and the way out.
+    changes). A folder without card, or one whose card says 'cpu', is served as is; on a CPU, a checkpoint whose
+    kernel is missing falls back to its dense twin (same weights, so the same banks; logged), and without a twin
+    it is refused with the kernel's name and the way out.
     """
     card = read_card(folder)
     if gpu is None:
@@ -224,6 +227,8 @@ def servable(folder: Path, gpu: bool | None = None, avx512: bool | None = None) 
     twin = folder.parent / card.twin if card.twin else None
     twin_card = read_card(twin) if twin is not None else None
     if twin_card is not None and "cpu" in twin_card.serves_on:
+        logger.warning("%s: no vLLM CPU kernel for this %s checkpoint on this CPU; serving its dense twin %s "
+                       "(the same weights)", folder, card.format, twin)
         return twin
     missing = ", ".join(f"{CPU_KERNELS[e][0]} (needs {CPU_KERNELS[e][1]})" for e in needs) or "none exists"
     raise ModelError(
