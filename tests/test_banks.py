@@ -39,8 +39,14 @@ def tiny_llama(folder: Path, seed: int, hidden: int = HIDDEN) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -62,8 +68,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with torch.no_grad():
         variant.model.layers[0].mlp.down_proj.weight.mul_(0.5)
     variant.save_pretrained(root / "tiny-a-q")
-    return {"a": a, "a-copy": root / "tiny-a-copy", "a-q": root / "tiny-a-q", "b": tiny_llama(root / "tiny-b", seed=1),
-            "narrow": tiny_llama(root / "tiny-narrow", seed=0, hidden=32)}
+    return {
+        "a": a,
+        "a-copy": root / "tiny-a-copy",
+        "a-q": root / "tiny-a-q",
+        "b": tiny_llama(root / "tiny-b", seed=1),
+        "narrow": tiny_llama(root / "tiny-narrow", seed=0, hidden=32),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +85,14 @@ def fp(models: dict[str, Path]) -> Fingerprint:
 @pytest.fixture
 def bank(fp: Fingerprint) -> PromptBank:
     torch.manual_seed(1)
-    return make_bank("demo", torch.randn(3, 4, HIDDEN), ["terse", "math", "code"], fp,
-                     trained={"data": "wikitext", "steps": 10, "seed": 1, "objective": "kl"},
-                     measured={"ppl/base": 20.5, "ppl/terse": 18.25})
+    return make_bank(
+        "demo",
+        torch.randn(3, 4, HIDDEN),
+        ["terse", "math", "code"],
+        fp,
+        trained={"data": "wikitext", "steps": 10, "seed": 1, "objective": "kl"},
+        measured={"ppl/base": 20.5, "ppl/terse": 18.25},
+    )
 
 
 @pytest.fixture
@@ -175,16 +191,24 @@ def test_the_same_weights_under_another_name_load_silently(saved: Path, models: 
         assert load_bank(saved, expect=fingerprint(models["a-copy"])).k == 3
 
 
-def test_other_weights_of_the_same_model_are_refused_naming_both_digests(saved: Path, models: dict[str, Path],
-                                                                          fp: Fingerprint) -> None:
+def test_other_weights_of_the_same_model_are_refused_naming_both_digests(
+    saved: Path, models: dict[str, Path], fp: Fingerprint
+) -> None:
     variant = fingerprint(models["a-q"])
     assert variant.embedding_sha256 == fp.embedding_sha256 and variant.weights_sha256 != fp.weights_sha256
-    refused(saved, str(saved / MANIFEST_FILE), fp.weights_sha256, variant.weights_sha256,
-            "--allow-bank-weights-mismatch", expect=variant)
+    refused(
+        saved,
+        str(saved / MANIFEST_FILE),
+        fp.weights_sha256,
+        variant.weights_sha256,
+        "--allow-bank-weights-mismatch",
+        expect=variant,
+    )
 
 
-def test_other_weights_load_with_a_warning_when_explicitly_allowed(saved: Path, models: dict[str, Path],
-                                                                    fp: Fingerprint) -> None:
+def test_other_weights_load_with_a_warning_when_explicitly_allowed(
+    saved: Path, models: dict[str, Path], fp: Fingerprint
+) -> None:
     variant = fingerprint(models["a-q"])
     with pytest.warns(UserWarning, match=rf"{fp.weights_sha256}.*'tiny-a-q'.*{variant.weights_sha256}"):
         loaded = load_bank(saved, expect=variant, allow_weights_mismatch=True)
@@ -327,14 +351,25 @@ def test_tensor_file_with_other_tensors_is_refused(bank: PromptBank, saved: Path
 
 
 def test_bank_for_a_model_with_other_embeddings_is_refused(saved: Path, models: dict[str, Path]) -> None:
-    message = refused(saved, str(saved / MANIFEST_FILE), "field 'model.embedding_sha256'", "'tiny-a'", "'tiny-b'",
-                      expect=fingerprint(models["b"]))
+    message = refused(
+        saved,
+        str(saved / MANIFEST_FILE),
+        "field 'model.embedding_sha256'",
+        "'tiny-a'",
+        "'tiny-b'",
+        expect=fingerprint(models["b"]),
+    )
     assert "config_sha256" not in message  # same architecture: only the embeddings differ
 
 
 def test_bank_for_a_model_of_other_width_is_refused(saved: Path, models: dict[str, Path]) -> None:
-    refused(saved, str(saved / MANIFEST_FILE), "field 'model.config_sha256'",
-            "field 'model.hidden_size': bank has 64, model has 32", expect=fingerprint(models["narrow"]))
+    refused(
+        saved,
+        str(saved / MANIFEST_FILE),
+        "field 'model.config_sha256'",
+        "field 'model.hidden_size': bank has 64, model has 32",
+        expect=fingerprint(models["narrow"]),
+    )
 
 
 # --- PEFT interop ------------------------------------------------------------------------------------------------

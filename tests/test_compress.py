@@ -90,10 +90,16 @@ def test_vllm_without_avx512_lacks_the_4bit_kernel_and_serves_the_twin(tiny_vari
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     outcome = {}
     for folder in (four_bit, fallback):
-        proc = subprocess.run([sys.executable, "-c", _WITHOUT_AVX512, str(folder), read_card(folder).serve_dtype],
-                              capture_output=True, text=True, env=os.environ | env, check=False)
-        outcome[folder] = next((line for line in proc.stdout.splitlines() if line.startswith(("SERVED", "FAILED"))),
-                               proc.stderr[-2000:])
+        proc = subprocess.run(
+            [sys.executable, "-c", _WITHOUT_AVX512, str(folder), read_card(folder).serve_dtype],
+            capture_output=True,
+            text=True,
+            env=os.environ | env,
+            check=False,
+        )
+        outcome[folder] = next(
+            (line for line in proc.stdout.splitlines() if line.startswith(("SERVED", "FAILED"))), proc.stderr[-2000:]
+        )
     assert outcome[four_bit].startswith("FAILED") and "cpu_gemm_wna16" in outcome[four_bit], outcome[four_bit]
     assert outcome[fallback].startswith("SERVED"), outcome[fallback]
 
@@ -131,7 +137,8 @@ def test_4bit_checkpoint_claims_only_avx512_cpus_and_has_a_dense_twin(tiny_varia
 
 
 def test_a_checkpoint_without_its_cpu_kernel_or_twin_is_refused_naming_the_kernel(
-        tiny_variants: dict[str, Path], tmp_path: Path) -> None:
+    tiny_variants: dict[str, Path], tmp_path: Path
+) -> None:
     alone = shutil.copytree(tiny_variants["gptq-w4g64"], tmp_path / "w4-alone")
     with pytest.raises(ModelError, match=r"w4-alone.*cpu_gemm_wna16 \(needs AVX-512\).*GPU") as info:
         servable(alone, gpu=False, avx512=False)
@@ -157,7 +164,7 @@ def _continuation_perplexity(model_dir: Path, prompt: str, continuation: str) ->
     context = tokenizer(prompt)["input_ids"]
     tail = tokenizer(continuation, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        logprobs = model(torch.tensor([context + tail])).logits[0, len(context) - 1:-1].log_softmax(-1)
+        logprobs = model(torch.tensor([context + tail])).logits[0, len(context) - 1 : -1].log_softmax(-1)
     return math.exp(-logprobs[torch.arange(len(tail)), torch.tensor(tail)].mean().item())
 
 

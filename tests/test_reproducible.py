@@ -45,7 +45,8 @@ def test_the_prepared_default_model_has_the_recorded_weights(base_model: Path, s
 
 @pytest.mark.slow
 def test_compression_from_two_threads_on_avx2_kernels_gives_the_recorded_weights(
-        base_model: Path, settings: Settings, tmp_path: Path) -> None:
+    base_model: Path, settings: Settings, tmp_path: Path
+) -> None:
     """`prepare` compressed from one thread with this CPU's own kernels; this run differs in both (about 2 minutes
     on 2 cores)."""
     models = tmp_path / "models"

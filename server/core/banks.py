@@ -198,8 +198,14 @@ def make_bank(
         )
     manifest = _validate_manifest(
         dict(
-            name=name, prompt_names=list(prompt_names), k=embeddings.shape[0], m=embeddings.shape[1],
-            hidden_size=embeddings.shape[2], model=model, trained=trained or {}, measured=measured or {},
+            name=name,
+            prompt_names=list(prompt_names),
+            k=embeddings.shape[0],
+            m=embeddings.shape[1],
+            hidden_size=embeddings.shape[2],
+            model=model,
+            trained=trained or {},
+            measured=measured or {},
             sha256=hashlib.sha256(_serialize(embeddings)).hexdigest(),
         ),
         f"bank {name!r}",
@@ -266,7 +272,9 @@ def load_bank(folder: Path, expect: Fingerprint | None = None, allow_weights_mis
     return PromptBank(embeddings, manifest)
 
 
-def _check_model(manifest: BankManifest, expect: Fingerprint, manifest_path: Path, allow_weights_mismatch: bool) -> None:
+def _check_model(
+    manifest: BankManifest, expect: Fingerprint, manifest_path: Path, allow_weights_mismatch: bool
+) -> None:
     """Refuse a bank for another model; refuse (or, if allowed, warn about) one trained on other weights.
 
     Compressed variants share the base model's config and embeddings, so only the weights digest tells them
@@ -277,14 +285,17 @@ def _check_model(manifest: BankManifest, expect: Fingerprint, manifest_path: Pat
     fields = ("config_sha256", "embedding_sha256", "hidden_size", "vocab_size")
     differ = [f for f in fields if getattr(have, f) != getattr(expect, f)]
     if differ:
-        details = "; ".join(f"field 'model.{f}': bank has {getattr(have, f)}, model has {getattr(expect, f)}"
-                            for f in differ)
+        details = "; ".join(
+            f"field 'model.{f}': bank has {getattr(have, f)}, model has {getattr(expect, f)}" for f in differ
+        )
         raise BankError(f"{manifest_path}: bank is for model {have.weights!r}, not {expect.weights!r} ({details})")
     if have.weights_sha256 is not None and have.weights_sha256 == expect.weights_sha256:
         return
     retrain = manifest.trained.get("command") or f"idp-serve train --bank {manifest.name} --model {expect.weights}"
-    problem = (f"bank was trained on weights {have.weights_sha256 or '(not recorded)'} ({have.weights!r}) but the "
-               f"served model {expect.weights!r} has weights {expect.weights_sha256 or '(unknown)'}")
+    problem = (
+        f"bank was trained on weights {have.weights_sha256 or '(not recorded)'} ({have.weights!r}) but the "
+        f"served model {expect.weights!r} has weights {expect.weights_sha256 or '(unknown)'}"
+    )
     if not allow_weights_mismatch:
         raise BankError(
             f"{manifest_path}: {problem} (field 'model.weights_sha256'); the prompts repair the weights they were "
@@ -304,11 +315,15 @@ def _read_tensor(path: Path, manifest: BankManifest) -> torch.Tensor:
     try:
         tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own SafetensorError for every malformed input
-        raise BankError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc}); "
-                        f"sha256 {digest}, manifest says {manifest.sha256}") from None
+        raise BankError(
+            f"{path}: not a readable safetensors file, truncated or corrupt ({exc}); "
+            f"sha256 {digest}, manifest says {manifest.sha256}"
+        ) from None
     if digest != manifest.sha256:
-        raise BankError(f"{path}: sha256 {digest} does not match manifest field 'sha256' {manifest.sha256} "
-                        "(file modified after the manifest was written)")
+        raise BankError(
+            f"{path}: sha256 {digest} does not match manifest field 'sha256' {manifest.sha256} "
+            "(file modified after the manifest was written)"
+        )
     if set(tensors) != {TENSOR_KEY}:
         raise BankError(f"{path}: expected one tensor {TENSOR_KEY!r}, found {sorted(tensors)}")
     return tensors[TENSOR_KEY]

@@ -65,8 +65,9 @@ class ModelCard(BaseModel):
         "float32", description="dtype to serve with on CPU: vLLM's CPU 4-bit kernels take bfloat16 activations only."
     )
     weights_sha256: str | None = Field(
-        None, description="`weights_digest` of the served weights; a compressed checkpoint records its dense twin's "
-        "(the same numbers), so a bank trained on either is valid on both."
+        None,
+        description="`weights_digest` of the served weights; a compressed checkpoint records its dense twin's "
+        "(the same numbers), so a bank trained on either is valid on both.",
     )
     method: dict[str, object] = Field(default_factory=dict)
     measured: dict[str, float | int] = Field(default_factory=dict)
@@ -114,8 +115,16 @@ class Fingerprint(BaseModel):
 
 
 _IDENTITY_KEYS = (
-    "model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "tie_word_embeddings",
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
 )
 
 
@@ -164,8 +173,10 @@ def verified_weights_digest(folder: Path) -> str | None:
         return None
     digest = weights_digest(folder)
     if card is not None and card.weights_sha256 is not None and card.weights_sha256 != digest:
-        raise ModelError(f"{folder}: weights digest {digest} does not match {CARD_FILE} field 'weights_sha256' "
-                         f"{card.weights_sha256} (weights changed after the folder was made; make it again)")
+        raise ModelError(
+            f"{folder}: weights digest {digest} does not match {CARD_FILE} field 'weights_sha256' "
+            f"{card.weights_sha256} (weights changed after the folder was made; make it again)"
+        )
     return digest
 
 
@@ -227,8 +238,12 @@ def servable(folder: Path, gpu: bool | None = None, avx512: bool | None = None) 
     twin = folder.parent / card.twin if card.twin else None
     twin_card = read_card(twin) if twin is not None else None
     if twin_card is not None and "cpu" in twin_card.serves_on:
-        logger.warning("%s: no vLLM CPU kernel for this %s checkpoint on this CPU; serving its dense twin %s "
-                       "(the same weights)", folder, card.format, twin)
+        logger.warning(
+            "%s: no vLLM CPU kernel for this %s checkpoint on this CPU; serving its dense twin %s (the same weights)",
+            folder,
+            card.format,
+            twin,
+        )
         return twin
     missing = ", ".join(f"{CPU_KERNELS[e][0]} (needs {CPU_KERNELS[e][1]})" for e in needs) or "none exists"
     raise ModelError(

@@ -156,8 +156,15 @@ def compress(base: Path, spec: CompressionSpec, models_dir: Path, data_dir: Path
     )
     if spec.needs_dense_twin:
         twin_card = card.model_copy(
-            update={"name": twin.name, "role": "dequantized", "format": "dense", "serves_on": ["cpu", "gpu"],
-                    "twin": name, "serve_dtype": "float32", "measured": {"bytes": folder_bytes(twin)}}
+            update={
+                "name": twin.name,
+                "role": "dequantized",
+                "format": "dense",
+                "serves_on": ["cpu", "gpu"],
+                "twin": name,
+                "serve_dtype": "float32",
+                "measured": {"bytes": folder_bytes(twin)},
+            }
         )
         write_card(twin, twin_card)
     write_card(out, card)
@@ -209,15 +216,18 @@ def numeric_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
     return env | REPRODUCIBLE_ENV | (overrides or {})
 
 
-def _run_oneshot(base: Path, spec: CompressionSpec, out: Path, data_dir: Path,
-                 env: dict[str, str] | None = None) -> float:
+def _run_oneshot(
+    base: Path, spec: CompressionSpec, out: Path, data_dir: Path, env: dict[str, str] | None = None
+) -> float:
     """Compress in a child process started with `numeric_env(env)` (those variables are read once, when torch and
     MKL load, so only a fresh process honours them); return the seconds the compression took."""
     args = [sys.executable, "-m", "server.lab.compress", str(base), spec.model_dump_json(), str(out), str(data_dir)]
     result = subprocess.run(args, env=numeric_env(env), stdout=subprocess.PIPE, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"compressing {base} with {spec.slug} failed in its child process "
-                           f"(exit status {result.returncode}; its log is above)")
+        raise RuntimeError(
+            f"compressing {base} with {spec.slug} failed in its child process "
+            f"(exit status {result.returncode}; its log is above)"
+        )
     return float(json.loads(result.stdout.strip().splitlines()[-1])["seconds"])
 
 
@@ -291,8 +301,10 @@ def verify_default(served: Path) -> str:
         return card.weights_sha256
     base_note = ""
     if base_digest is not None and base_digest.weights_sha256 not in (None, DEFAULT_BASE_WEIGHTS_SHA256):
-        base_note = (f" The base model differs too: {DEFAULT_BASE} has weights {base_digest.weights_sha256}, "
-                     f"expected {DEFAULT_BASE_WEIGHTS_SHA256}.")
+        base_note = (
+            f" The base model differs too: {DEFAULT_BASE} has weights {base_digest.weights_sha256}, "
+            f"expected {DEFAULT_BASE_WEIGHTS_SHA256}."
+        )
     raise DefaultModelMismatch(
         f"the default model {served} has weights {card.weights_sha256}, but the repo records "
         f"{DEFAULT_WEIGHTS_SHA256} for it (server/core/identity.py DEFAULT_WEIGHTS_SHA256), the weights the shipped "
