@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.core.config import Settings
-from server.core.identity import ModelError, fingerprint, read_card, resolve
+from server.core.identity import ModelCard, ModelError, fingerprint, read_card, resolve, weights_digest, write_card
 from server.lab.convert import gguf_from_package
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
@@ -50,3 +51,17 @@ def test_fingerprint_matches_across_dtypes_and_differs_across_models(
 def test_resolve_names_a_missing_model(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="no-such-model"):
         resolve("no-such-model", tmp_path)
+
+
+def test_weights_changed_after_the_card_was_written_are_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    """A folder whose tensors no longer hash to its card's digest is not the model the card (or a bank) names."""
+    folder = shutil.copytree(tiny_llama, tmp_path / "tiny")
+    card = ModelCard(name="tiny", role="base", base="tiny", source="test", weights_sha256=weights_digest(folder))
+    write_card(folder, card)
+    assert fingerprint(folder).weights_sha256 == card.weights_sha256
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1e-3)
+    model.save_pretrained(folder)
+    with pytest.raises(ModelError, match=rf"weights digest [0-9a-f]{{64}} does not match .*{card.weights_sha256}"):
+        fingerprint(folder)
