@@ -40,7 +40,8 @@ CPU_KERNELS: dict[str, tuple[str, str]] = {
 """Model cards' `serves_on` entries that need a vLLM CPU kernel: the op and the instruction set it needs. vLLM's CPU
 platform (vllm/platforms/cpu.py, `import_kernels`) loads `_C` or `_C_AVX512` when
 `torch.cpu._is_avx512_supported()`, else `_C_AVX2`, and only the AVX-512 libraries define `cpu_gemm_wna16`, the
-kernel of its 4-bit compressed-tensors layers (`CPUWNA16LinearKernel`)."""
+kernel of its 4-bit compressed-tensors layers (`CPUWNA16LinearKernel`; measured: with the AVX2 library the engine
+fails at its first forward with "'_C' object has no attribute 'cpu_gemm_wna16'")."""
 
 
 class ModelError(ValueError):
