@@ -156,7 +156,8 @@ class CompletionServing(ServingBase):
                     request, inputs[i], delta, prompt_logprobs.get(i), first, offsets.get(index, 0)
                 )
                 totals[i] += len(delta.token_ids)
-                if not (text or delta.finish_reason or first):
+                scored = logprobs is not None and bool(logprobs.tokens)  # a token may decode to "" (partial UTF-8)
+                if not (text or scored or delta.finish_reason or first):
                     continue
                 if logprobs is not None and logprobs.tokens:
                     offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
