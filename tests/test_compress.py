@@ -70,13 +70,18 @@ def test_every_method_loads_in_vllm_and_generates(tiny_variants: dict[str, Path]
 
 _WITHOUT_AVX512 = """
 import sys, torch
-torch.cpu._is_avx512_supported = lambda: False   # what vLLM's CPU platform asks before loading _C_AVX2
+# an AVX2-only CPU as vLLM's CPU platform sees it (it loads _C_AVX2 when AVX-512 is missing; AMX and AVX-512
+# BF16/VNNI, which pick other kernels, go with it)
+for probe in ("avx512", "avx512_bf16", "amx_tile", "amx_fp16", "avx512_vnni", "vnni"):
+    setattr(torch.cpu, f"_is_{probe}_supported", lambda: False)
 from vllm import LLM, SamplingParams
 try:
     llm = LLM(sys.argv[1], dtype=sys.argv[2], enforce_eager=True, distributed_executor_backend="uni", max_model_len=256)
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0))
+    print(flush=True)
     print("SERVED", out[0].outputs[0].text)
 except Exception as exc:
+    print(flush=True)
     print("FAILED", repr(exc)[:500])
 """
 
@@ -84,7 +89,8 @@ except Exception as exc:
 @pytest.mark.slow
 def test_vllm_without_avx512_lacks_the_4bit_kernel_and_serves_the_twin(tiny_variants: dict[str, Path]) -> None:
     """vLLM's AVX2 branch, taken here by telling it the CPU has no AVX-512 (ATEN_CPU_CAPABILITY cannot: vLLM asks
-    the hardware): the 4-bit checkpoint fails for want of cpu_gemm_wna16, the folder `servable` picks runs."""
+    the hardware through torch.cpu): the 4-bit checkpoint fails for want of cpu_gemm_wna16, the folder `servable`
+    picks runs."""
     four_bit = tiny_variants["gptq-w4g64"]
     fallback = servable(four_bit, gpu=False, avx512=False)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
