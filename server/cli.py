@@ -38,7 +38,7 @@ def _command_line() -> str:
 
 def _prepare(settings: PrepareSettings) -> None:
     from server.core.identity import read_card
-    from server.lab.compress import DEFAULT_SPEC, compress
+    from server.lab.compress import DEFAULT_SPEC, compress, verify_default
     from server.lab.convert import prepare_base
     from server.lab.evaluate.scoring import record_perplexity
 
@@ -50,6 +50,8 @@ def _prepare(settings: PrepareSettings) -> None:
         if card is not None and "heldout_ppl" not in card.measured:
             record_perplexity(folder, settings.data_dir)
     print(f"compressed model (served on CPU): {served}")
+    # A mismatch raises DefaultModelMismatch (a ModelError, so a ValueError): main() prints its plain message.
+    print(f"default model weights {verify_default(served)} (the recorded ones the shipped banks were trained on)")
 
 
 def _compress(settings: CompressSettings) -> None:
@@ -218,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         COMMANDS[command].run(settings)
     except (ValueError, FileNotFoundError) as exc:  # ValidationError is a ValueError
         sys.exit(_error(command, exc))
+    except ImportError as exc:  # a serving-only install (the serving images) has no lab packages
+        sys.exit(_error(command, ImportError(f"{exc}; `idp-serve {command}` needs the lab extra: "
+                                             "`IDP_EXTRAS=lab scripts/install.sh`, or the -lab image")))
 
 
 if __name__ == "__main__":

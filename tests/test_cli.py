@@ -143,3 +143,17 @@ def test_selection_batches_one_input_on_cpu_and_sixteen_on_a_gpu_unless_set() ->
     assert selection_batch_size(None, "cpu") == 1, "compute-bound: a batch only delays its first inputs"
     assert selection_batch_size(None, "cuda") == selection_batch_size(None, "cuda:1") == 16
     assert selection_batch_size(4, "cpu") == 4
+
+
+def test_a_lab_command_without_the_lab_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving images hold no lab packages; a lab command run there names the extra, not a bare ImportError."""
+
+    def missing_lab(settings: object) -> None:
+        raise ImportError("No module named 'llmcompressor'")
+
+    monkeypatch.setitem(COMMANDS, "prepare", COMMANDS["prepare"].__class__(missing_lab, COMMANDS["prepare"].help))
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare"])
+    message = str(exit_.value.code)
+    assert message.startswith("idp-serve prepare: error: No module named 'llmcompressor'")
+    assert "IDP_EXTRAS=lab scripts/install.sh" in message and "-lab image" in message
