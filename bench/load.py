@@ -321,6 +321,8 @@ def main() -> None:
     parser.add_argument("--pid", type=int, help="Server pid, to watch its RSS (and its engine core's).")
     parser.add_argument("--api-key", default=os.environ.get("IDP_API_KEY"))
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    parser.add_argument("--cancel-max-tokens", type=int, default=400,
+                        help="max_tokens of the streams clients cancel (long enough to be still running when cut)")
     args = parser.parse_args()
 
     from server.core.banks import bank_dir
@@ -333,7 +335,7 @@ def main() -> None:
     report = asyncio.run(run_load(
         args.url, card["id"], bank, prompts, expected, clients=args.clients, duration_s=args.duration,
         api_key=args.api_key, rss=None if args.pid is None else process_rss(args.pid),
-        kinds=args.kinds.split(","),
+        kinds=args.kinds.split(","), cancel_max_tokens=args.cancel_max_tokens,
     ))
     print(json.dumps(report.summary(), indent=2))
     sys.exit(0 if report.ok else 1)

@@ -299,3 +299,13 @@ def offline_selection(model: Path, bank_folder: Path, inputs: Sequence[str]) -> 
 
 if __name__ == "__main__":
     _vllm_generate_child()
+
+
+def varied_inputs(count: int) -> list[str]:
+    """`count` distinct short English inputs, the same on every run (for selection and load checks)."""
+    subjects = ["The river", "A tired engineer", "The old library", "Our small startup", "The orchestra"]
+    endings = ["was closed again.", "explained why prices rose.", "wrote a long letter.", "forgot the meeting."]
+    pool = [f"{s} {e}" for s in subjects for e in endings]
+    if count > len(pool):
+        raise ValueError(f"at most {len(pool)} varied inputs, {count} asked")
+    return pool[:count]

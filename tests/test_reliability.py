@@ -16,7 +16,6 @@ needs an engine is marked slow; the fast ones (settings, pickle, bank names) nee
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -40,12 +39,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from transformers import AutoTokenizer
 
-from bench.load import load_inputs, process_rss, run_load
 from server.core.banks import BankError, PromptBank, bank_dir, check_name, make_bank, save_bank
 from server.core.identity import fingerprint
 from server.online.app import EXIT_ENGINE_DEAD, create_app
 from server.online.settings import ServeSettings
-from tests.helpers import LiveServer, offline_selection, random_bank
+from tests.helpers import ROOT, LiveServer, offline_selection, random_bank, varied_inputs
 
 API_KEY = "sk-test-3f9a1c0e-do-not-log"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -305,7 +303,7 @@ def test_bank_reload_is_atomic_under_load_and_refuses_a_bad_bank(
     """Dynamic requests run while the bank is swapped: each answer is wholly old or wholly new bank (its scores'
     prompt names are one bank's, its prompt what that bank's selector picks offline). A damaged bank is then
     refused with a 409 and the new set keeps serving."""
-    inputs = load_inputs(12)
+    inputs = varied_inputs(12)
     old = banks[0]
     other = random_bank(tiny_llama, "alpha", k=4, m=5, seed=11)
     new = make_bank("alpha", other.embeddings, [f"alpha2-p{i}" for i in range(4)], fingerprint(tiny_llama))
@@ -372,15 +370,14 @@ def test_short_load(live: LiveServer, tiny_llama: Path, home: Path, banks: list[
     """bench/load.py for 20 s with 8 clients: no errors, every prompt as selected offline, cancelled streams
     aborted (vLLM finishes only the others, and drains to 0 running/waiting), flat RSS of the server process
     (this one; vLLM's engine processes are reported, see bench/load.py)."""
-    inputs = load_inputs()
-    expected = offline_selection(tiny_llama, home / "banks" / "alpha", inputs)
-    report = asyncio.run(run_load(live.url, tiny_llama.name, "alpha", banks[0].prompt_names, expected, clients=8,
-                                  duration_s=20, api_key=API_KEY, rss=process_rss(os.getpid()),
-                                  cancel_max_tokens=440))
-    summary = report.summary()
-    print(json.dumps(summary, indent=2))
-    assert report.ok, summary
-    assert all(report.counts[kind] > 0 for kind in report.counts), summary
+    command = [sys.executable, str(ROOT / "bench" / "load.py"), "--url", live.url, "--model", str(tiny_llama),
+               "--banks-dir", str(home / "banks"), "--bank", "alpha", "--clients", "8", "--duration", "20",
+               "--pid", str(os.getpid()), "--api-key", API_KEY, "--cancel-max-tokens", "440"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    assert all(count > 0 for count in summary["counts"].values()), summary
     processor = live.engine.async_llm.output_processor
     assert processor.get_num_unfinished_requests() == 0
 
