@@ -42,9 +42,9 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from server.core.banks import PromptBank, load_bank
 from server.core.config import Settings
+from server.core.identity import resolve
 from server.lab.corpus import lee_heldout, token_blocks
 from server.online.engine import DecodeParams, Engine, EngineConfig, Prefix
-from server.core.identity import resolve
 from server.online.settings import ServeSettings
 
 INPUT_TOKENS, OUTPUT_TOKENS, MAX_MODEL_LEN = 128, 64, 512
@@ -76,16 +76,24 @@ def virtual_token_model(folder: Path, bank: PromptBank, out: Path) -> int:
 
 
 def engine_args(model: Path, embeds: bool) -> AsyncEngineArgs:
-    return AsyncEngineArgs(model=str(model), dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
-                           kv_cache_memory_bytes=2**30, enable_prompt_embeds=embeds)
+    return AsyncEngineArgs(
+        model=str(model),
+        dtype="float32",
+        max_model_len=MAX_MODEL_LEN,
+        enforce_eager=True,
+        kv_cache_memory_bytes=2**30,
+        enable_prompt_embeds=embeds,
+    )
 
 
 def sampling(echo: bool) -> SamplingParams:
     if echo:
-        return SamplingParams(max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1,
-                              output_kind=RequestOutputKind.FINAL_ONLY)
-    return SamplingParams(max_tokens=OUTPUT_TOKENS, temperature=0, ignore_eos=True,
-                          output_kind=RequestOutputKind.FINAL_ONLY)
+        return SamplingParams(
+            max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+    return SamplingParams(
+        max_tokens=OUTPUT_TOKENS, temperature=0, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY
+    )
 
 
 async def measure(run: Run, inputs: list[list[int]]) -> dict[str, object]:
@@ -102,16 +110,23 @@ async def measure(run: Run, inputs: list[list[int]]) -> dict[str, object]:
     start = time.perf_counter()
     await asyncio.gather(*(run(i, ids, True) for i, ids in enumerate(inputs)))
     echo_wall = time.perf_counter() - start
-    return {"p50 s (c=1)": statistics.median(latencies), "tok/s (all at once)": sum(map(len, tokens)) / wall,
-            "echo req/s": len(inputs) / echo_wall, "tokens": tokens}
+    return {
+        "p50 s (c=1)": statistics.median(latencies),
+        "tok/s (all at once)": sum(map(len, tokens)) / wall,
+        "echo req/s": len(inputs) / echo_wall,
+        "tokens": tokens,
+    }
 
 
 async def design_a(folder: Path, bank: PromptBank, inputs: list[list[int]]) -> dict[str, object]:
     engine = Engine.start(EngineConfig(model=folder, served_model_name=folder.name, max_model_len=MAX_MODEL_LEN))
 
     async def run(i: int, ids: list[int], echo: bool) -> list[int]:
-        params = (DecodeParams(max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1) if echo else
-                  DecodeParams(max_tokens=OUTPUT_TOKENS, temperature=0, ignore_eos=True))
+        params = (
+            DecodeParams(max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1)
+            if echo
+            else DecodeParams(max_tokens=OUTPUT_TOKENS, temperature=0, ignore_eos=True)
+        )
         prefix = Prefix(bank, i % bank.k)
         async for out in engine.generate(uuid.uuid4().hex, ids, prefix, params):
             final = out
@@ -157,8 +172,11 @@ def main() -> None:
         print("A: prompt_embeds ...", file=sys.stderr)
         results["A prompt_embeds"] = asyncio.run(design_a(folder, bank, inputs))
         print("B: virtual tokens ...", file=sys.stderr)
-        results["B virtual tokens"] = asyncio.run(design_ids(
-            virtual, inputs, lambda i: list(range(vocab + (i % bank.k) * bank.m, vocab + (i % bank.k + 1) * bank.m))))
+        results["B virtual tokens"] = asyncio.run(
+            design_ids(
+                virtual, inputs, lambda i: list(range(vocab + (i % bank.k) * bank.m, vocab + (i % bank.k + 1) * bank.m))
+            )
+        )
         print("C: no prompt ...", file=sys.stderr)
         results["C no prompt"] = asyncio.run(design_ids(folder, inputs, lambda i: []))
 
@@ -166,15 +184,19 @@ def main() -> None:
     same = sum(x == y for x, y in zip(a["tokens"], b["tokens"], strict=True))
     virtual_picked = sum(t >= vocab for seq in b["tokens"] for t in seq)
     metrics = ["p50 s (c=1)", "tok/s (all at once)", "echo req/s"]
-    print(f"\nmodel {folder.name}, bank {args.bank} (K={bank.k}, m={bank.m}), float32, {args.requests} requests of "
-          f"{INPUT_TOKENS} tokens, {OUTPUT_TOKENS} output tokens\n")
+    print(
+        f"\nmodel {folder.name}, bank {args.bank} (K={bank.k}, m={bank.m}), float32, {args.requests} requests of "
+        f"{INPUT_TOKENS} tokens, {OUTPUT_TOKENS} output tokens\n"
+    )
     print("| design | " + " | ".join(metrics) + " |")
     print("|---|" + "---|" * len(metrics))
     for name, result in results.items():
         print(f"| {name} | " + " | ".join(f"{result[k]:.2f}" for k in metrics) + " |")
     print("| ratio B / A | " + " | ".join(f"{b[k] / a[k]:.2f}x" for k in metrics) + " |")
-    print(f"\nA and B decode the same {OUTPUT_TOKENS} greedy tokens for {same}/{args.requests} requests; "
-          f"B generated a virtual token {virtual_picked} times")
+    print(
+        f"\nA and B decode the same {OUTPUT_TOKENS} greedy tokens for {same}/{args.requests} requests; "
+        f"B generated a virtual token {virtual_picked} times"
+    )
 
 
 if __name__ == "__main__":

@@ -42,12 +42,32 @@ import httpx
 import psutil
 
 KINDS = ("dynamic", "forced", "none", "stream", "cancel")
-SUBJECTS = ["The river", "My neighbour's cat", "A tired engineer", "The old library", "Quantum computers",
-            "The recipe", "Our small startup", "The orchestra"]
-ACTIONS = ["quietly explained why", "never understood how", "wrote a long letter about", "was surprised that",
-           "kept asking whether", "forgot completely that"]
-ENDINGS = ["the bridge was closed.", "prices went up again.", "def main(): return 0", "Paris is in France.",
-           "two plus two is four.", "nobody came to the meeting."]
+SUBJECTS = [
+    "The river",
+    "My neighbour's cat",
+    "A tired engineer",
+    "The old library",
+    "Quantum computers",
+    "The recipe",
+    "Our small startup",
+    "The orchestra",
+]
+ACTIONS = [
+    "quietly explained why",
+    "never understood how",
+    "wrote a long letter about",
+    "was surprised that",
+    "kept asking whether",
+    "forgot completely that",
+]
+ENDINGS = [
+    "the bridge was closed.",
+    "prices went up again.",
+    "def main(): return 0",
+    "Paris is in France.",
+    "two plus two is four.",
+    "nobody came to the meeting.",
+]
 DRAIN_TIMEOUT_S = 30.0
 RSS_GROWTH_LIMIT_MIB = 64.0
 """Growth allowed between warm-up and the end: allocator noise and caches that fill once, not a leak's slope."""
@@ -115,24 +135,37 @@ class LoadReport:
     @property
     def ok(self) -> bool:
         growth = self.rss_growth_mib
-        return (not self.errors and not self.wrong_prompts and self.drained is True and self.aborted
-                and (growth is None or growth < RSS_GROWTH_LIMIT_MIB))
+        return (
+            not self.errors
+            and not self.wrong_prompts
+            and self.drained is True
+            and self.aborted
+            and (growth is None or growth < RSS_GROWTH_LIMIT_MIB)
+        )
 
     def summary(self) -> dict[str, Any]:
         def pct(values: list[float], q: float) -> float | None:
             return round(statistics.quantiles(values, n=100)[q - 1], 1) if len(values) >= 2 else None
 
         return {
-            "ok": self.ok, "clients": self.clients, "duration_s": round(self.duration_s, 1),
-            "requests": self.requests, "requests_per_s": round(self.requests / self.duration_s, 2),
+            "ok": self.ok,
+            "clients": self.clients,
+            "duration_s": round(self.duration_s, 1),
+            "requests": self.requests,
+            "requests_per_s": round(self.requests / self.duration_s, 2),
             "counts": self.counts,
             "latency_ms_p50_p95": {k: [pct(v, 50), pct(v, 95)] for k, v in self.latencies_ms.items()},
-            "errors": len(self.errors), "first_errors": self.errors[:5],
-            "wrong_prompts": len(self.wrong_prompts), "first_wrong_prompts": self.wrong_prompts[:5],
-            "engine_drained": self.drained, "engine_finished": self.finished, "cancels_aborted": self.aborted,
+            "errors": len(self.errors),
+            "first_errors": self.errors[:5],
+            "wrong_prompts": len(self.wrong_prompts),
+            "first_wrong_prompts": self.wrong_prompts[:5],
+            "engine_drained": self.drained,
+            "engine_finished": self.finished,
+            "cancels_aborted": self.aborted,
             "server_rss_growth_mib": None if self.rss_growth_mib is None else round(self.rss_growth_mib, 1),
             "server_rss_mib_series": _series(self.rss_mib),
-            "engine_rss_growth_mib": None if self.engine_rss_growth_mib is None
+            "engine_rss_growth_mib": None
+            if self.engine_rss_growth_mib is None
             else round(self.engine_rss_growth_mib, 1),
             "engine_rss_mib_series": _series(self.engine_rss_mib),
         }
@@ -163,8 +196,18 @@ def process_rss(pid: int) -> Callable[[], tuple[float, float]]:
 class _Client:
     """One simulated client: cycles through its kinds (offset by its number, so all kinds run at once)."""
 
-    def __init__(self, number: int, http: httpx.AsyncClient, model: str, bank: str, prompts: Sequence[str],
-                 expected: dict[str, str], report: LoadReport, cancel_max_tokens: int, kinds: Sequence[str]) -> None:
+    def __init__(
+        self,
+        number: int,
+        http: httpx.AsyncClient,
+        model: str,
+        bank: str,
+        prompts: Sequence[str],
+        expected: dict[str, str],
+        report: LoadReport,
+        cancel_max_tokens: int,
+        kinds: Sequence[str],
+    ) -> None:
         self.number = number
         self.kinds = list(kinds)
         self.cancel_max_tokens = cancel_max_tokens
@@ -280,10 +323,21 @@ async def wait_drained(http: httpx.AsyncClient, timeout_s: float = DRAIN_TIMEOUT
     return False
 
 
-async def run_load(url: str, model: str, bank: str, prompts: Sequence[str], expected: dict[str, str], *,
-                   clients: int = 32, duration_s: float = 60.0, api_key: str | None = None,
-                   rss: Callable[[], tuple[float, float]] | None = None, warmup_fraction: float = 0.2,
-                   cancel_max_tokens: int = 400, kinds: Sequence[str] = KINDS) -> LoadReport:
+async def run_load(
+    url: str,
+    model: str,
+    bank: str,
+    prompts: Sequence[str],
+    expected: dict[str, str],
+    *,
+    clients: int = 32,
+    duration_s: float = 60.0,
+    api_key: str | None = None,
+    rss: Callable[[], tuple[float, float]] | None = None,
+    warmup_fraction: float = 0.2,
+    cancel_max_tokens: int = 400,
+    kinds: Sequence[str] = KINDS,
+) -> LoadReport:
     """Drive `clients` concurrent clients for `duration_s`, then check drain and memory (see the module doc)."""
     report = LoadReport(clients=clients, duration_s=duration_s)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -292,8 +346,9 @@ async def run_load(url: str, model: str, bank: str, prompts: Sequence[str], expe
         finished_before = await engine_finished(http)
         start = time.monotonic()
         until = start + duration_s
-        workers = [_Client(i, http, model, bank, prompts, expected, report, cancel_max_tokens, kinds)
-                   for i in range(clients)]
+        workers = [
+            _Client(i, http, model, bank, prompts, expected, report, cancel_max_tokens, kinds) for i in range(clients)
+        ]
         tasks = [asyncio.create_task(w.run(until)) for w in workers]
         if rss is not None:
             await asyncio.sleep(duration_s * warmup_fraction)
@@ -321,8 +376,12 @@ def main() -> None:
     parser.add_argument("--pid", type=int, help="Server pid, to watch its RSS (and its engine core's).")
     parser.add_argument("--api-key", default=os.environ.get("IDP_API_KEY"))
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
-    parser.add_argument("--cancel-max-tokens", type=int, default=400,
-                        help="max_tokens of the streams clients cancel (long enough to be still running when cut)")
+    parser.add_argument(
+        "--cancel-max-tokens",
+        type=int,
+        default=400,
+        help="max_tokens of the streams clients cancel (long enough to be still running when cut)",
+    )
     args = parser.parse_args()
 
     from server.core.banks import bank_dir
@@ -332,11 +391,21 @@ def main() -> None:
     bank = args.bank or card["idp"]["default_bank"]
     prompts = next(b["prompts"] for b in card["idp"]["banks"] if b["name"] == bank)
     expected = offline_selection(args.model, bank_dir(args.banks_dir, bank), load_inputs())
-    report = asyncio.run(run_load(
-        args.url, card["id"], bank, prompts, expected, clients=args.clients, duration_s=args.duration,
-        api_key=args.api_key, rss=None if args.pid is None else process_rss(args.pid),
-        kinds=args.kinds.split(","), cancel_max_tokens=args.cancel_max_tokens,
-    ))
+    report = asyncio.run(
+        run_load(
+            args.url,
+            card["id"],
+            bank,
+            prompts,
+            expected,
+            clients=args.clients,
+            duration_s=args.duration,
+            api_key=args.api_key,
+            rss=None if args.pid is None else process_rss(args.pid),
+            kinds=args.kinds.split(","),
+            cancel_max_tokens=args.cancel_max_tokens,
+        )
+    )
     print(json.dumps(report.summary(), indent=2))
     sys.exit(0 if report.ok else 1)
 

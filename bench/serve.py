@@ -43,9 +43,9 @@ from transformers import AutoTokenizer
 
 from server.core.banks import load_bank
 from server.core.config import Settings
+from server.core.identity import embedding_weight, resolve
 from server.lab.corpus import lee_heldout, lee_train, token_blocks
 from server.online.cpus import frontend_cpus, pin_process, pinned_by_children
-from server.core.identity import embedding_weight, resolve
 from server.online.settings import ServeSettings
 
 PROMPT_TOKENS, OUTPUT_TOKENS = 128, 64
@@ -143,15 +143,25 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests-per-level", type=int, default=4,
-                        help=f"requests = this x concurrency (at least {MIN_REQUESTS})")
+    parser.add_argument(
+        "--requests-per-level", type=int, default=4, help=f"requests = this x concurrency (at least {MIN_REQUESTS})"
+    )
     parser.add_argument("--bank", default="default")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--pin-stock", action="store_true", help="also run the stock server pinned like ours")
-    parser.add_argument("--idp-flag", action="append", default=[], metavar="FLAG",
-                        help="extra flag for `idp-serve serve`, repeatable: --idp-flag=--selection-batch-size=16")
-    parser.add_argument("--input-pool", type=int, default=None,
-                        help="cycle through this many distinct inputs (default: a new input for every request)")
+    parser.add_argument(
+        "--idp-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra flag for `idp-serve serve`, repeatable: --idp-flag=--selection-batch-size=16",
+    )
+    parser.add_argument(
+        "--input-pool",
+        type=int,
+        default=None,
+        help="cycle through this many distinct inputs (default: a new input for every request)",
+    )
     args = parser.parse_args()
 
     serve = ServeSettings()
@@ -163,8 +173,7 @@ def main() -> None:
     levels = [2] + [max(MIN_REQUESTS, args.requests_per_level * c) for c in args.concurrency]  # warm-up, levels
     pool = args.input_pool or sum(levels)
     if pool > len(blocks):
-        parser.error(f"{pool} distinct inputs wanted, the corpus has {len(blocks)}: lower the requests "
-                     "or --input-pool")
+        parser.error(f"{pool} distinct inputs wanted, the corpus has {len(blocks)}: lower the requests or --input-pool")
     table = embedding_weight(folder)
     static = bank.embeddings[0]
     common = {"max_tokens": OUTPUT_TOKENS, "temperature": 0, "ignore_eos": True}
@@ -181,18 +190,53 @@ def main() -> None:
         return bodies
 
     stock_port, idp_port = free_port(), free_port()
-    stock_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-                 "--port", str(stock_port), "--enable-prompt-embeds", "--kv-cache-memory-bytes", str(2**30),
-                 *engine_flags]
-    idp_cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--port", str(idp_port),
-               "--dtype", args.dtype, "--max-model-len", "512", "--default-bank", args.bank, *args.idp_flag]
+    stock_cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--port",
+        str(stock_port),
+        "--enable-prompt-embeds",
+        "--kv-cache-memory-bytes",
+        str(2**30),
+        *engine_flags,
+    ]
+    idp_cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--model",
+        str(folder),
+        "--port",
+        str(idp_port),
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        "512",
+        "--default-bank",
+        args.bank,
+        *args.idp_flag,
+    ]
+
     def stock_body(ids: torch.Tensor) -> dict:
         return {"model": str(folder), "prompt_embeds": embeds_b64(torch.cat([static, table[ids]])), **common}
 
     runs = {
         "stock": (stock_cmd, stock_port, False, stock_body),
-        "idp": (idp_cmd, idp_port, False, lambda ids: {
-            "model": folder.name, "prompt": ids.tolist(), "idp": {"bank": args.bank, "mode": "dynamic"}, **common}),
+        "idp": (
+            idp_cmd,
+            idp_port,
+            False,
+            lambda ids: {
+                "model": folder.name,
+                "prompt": ids.tolist(),
+                "idp": {"bank": args.bank, "mode": "dynamic"},
+                **common,
+            },
+        ),
     }
     if args.pin_stock:
         runs["stock pinned"] = (stock_cmd, stock_port, True, stock_body)
@@ -206,17 +250,21 @@ def main() -> None:
                 results[label][c] = asyncio.run(load(url, bodies, c))
                 print(f"  {label} c={c}: {results[label][c].row()[0]:.1f} tok/s", file=sys.stderr)
 
-    print(f"\nmodel {folder.name}, bank {args.bank} (K={bank.k}, m={bank.m}), dtype {args.dtype}, "
-          f"idp-serve flags {' '.join(args.idp_flag) or '(defaults)'}, "
-          f"{PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens, "
-          f"{args.requests_per_level} x concurrency requests per level (at least {MIN_REQUESTS}), "
-          f"{'every input distinct' if args.input_pool is None else f'inputs cycled from a pool of {pool}'}\n")
+    print(
+        f"\nmodel {folder.name}, bank {args.bank} (K={bank.k}, m={bank.m}), dtype {args.dtype}, "
+        f"idp-serve flags {' '.join(args.idp_flag) or '(defaults)'}, "
+        f"{PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens, "
+        f"{args.requests_per_level} x concurrency requests per level (at least {MIN_REQUESTS}), "
+        f"{'every input distinct' if args.input_pool is None else f'inputs cycled from a pool of {pool}'}\n"
+    )
     print(TABLE_HEAD)
     for baseline in [b for b in ("stock", "stock pinned") if b in results]:
         for c in args.concurrency:
             (st, s50, s95), (it, i50, i95) = results[baseline][c].row(), results["idp"][c].row()
-            print(f"| idp vs {baseline} | {c} | {st:.1f} | {it:.1f} | {it / st:.2f}x | {s50:.2f} | {i50:.2f} "
-                  f"| {i50 / s50:.2f}x | {s95:.2f} | {i95:.2f} | {i95 / s95:.2f}x |")
+            print(
+                f"| idp vs {baseline} | {c} | {st:.1f} | {it:.1f} | {it / st:.2f}x | {s50:.2f} | {i50:.2f} "
+                f"| {i50 / s50:.2f}x | {s95:.2f} | {i95:.2f} | {i95 / s95:.2f}x |"
+            )
     passes = ", ".join(f"c={c} {statistics.median(results['idp'][c].selection_ms):.0f} ms" for c in args.concurrency)
     print(f"\nidp-serve selection pass per input (median of the reported `idp.selection_ms`): {passes}")
 

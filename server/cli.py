@@ -221,8 +221,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as exc:  # ValidationError is a ValueError
         sys.exit(_error(command, exc))
     except ImportError as exc:  # a serving-only install (the serving images) has no lab packages
-        sys.exit(_error(command, ImportError(f"{exc}; `idp-serve {command}` needs the lab extra: "
-                                             "`IDP_EXTRAS=lab scripts/install.sh`, or the -lab image")))
+        sys.exit(
+            _error(
+                command,
+                ImportError(
+                    f"{exc}; `idp-serve {command}` needs the lab extra: "
+                    "`IDP_EXTRAS=lab scripts/install.sh`, or the -lab image"
+                ),
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,15 @@ from server.online.settings import ServeSettings
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("registry") / "tiny-registry-model"
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -42,8 +49,13 @@ def sample(name: str, **labels: str) -> float | None:
 
 def series_of(bank_name: str) -> set[str]:
     """Names of the samples labelled with this bank, in every family idp-serve defines."""
-    return {s.name for family in REGISTRY.collect() if family.name.startswith("idp_") for s in family.samples
-            if s.labels.get("bank") == bank_name}
+    return {
+        s.name
+        for family in REGISTRY.collect()
+        if family.name.startswith("idp_")
+        for s in family.samples
+        if s.labels.get("bank") == bank_name
+    }
 
 
 def test_reload_drops_the_series_of_banks_and_prompts_that_are_gone(model: Path, tmp_path: Path) -> None:

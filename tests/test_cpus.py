@@ -15,7 +15,9 @@ pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and 2 CPUs"
 )
 
-PIN_SELF_AND_WAIT = "import os, sys, time; os.sched_setaffinity(0, {int(sys.argv[1])}); print(flush=True); time.sleep(30)"
+PIN_SELF_AND_WAIT = (
+    "import os, sys, time; os.sched_setaffinity(0, {int(sys.argv[1])}); print(flush=True); time.sleep(30)"
+)
 
 
 def test_a_child_pinning_itself_is_found_and_the_rest_is_left_to_the_frontend() -> None:
@@ -44,4 +46,3 @@ def test_pin_process_moves_every_thread_and_the_undo_restores_them() -> None:
     finally:
         child.kill()
         child.wait()
-

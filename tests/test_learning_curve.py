@@ -24,8 +24,15 @@ def test_points_per_checkpoint_resume_and_plot(tiny_llama: Path, tmp_path: Path,
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     blocks = torch.randint(0, len(tokenizer), (12, 16), generator=torch.Generator().manual_seed(0))
     general, dev = LiveTeacher(teacher, blocks[:8], k=16), LiveTeacher(teacher, blocks[8:], k=16)
-    spec = RecipeSpec(num_virtual_tokens=4, warmup_steps=1, batch_size=2, tokens=6 * 2 * 16, checkpoints=(32, 192),
-                      eval_every=3, dev_blocks=4)
+    spec = RecipeSpec(
+        num_virtual_tokens=4,
+        warmup_steps=1,
+        batch_size=2,
+        tokens=6 * 2 * 16,
+        checkpoints=(32, 192),
+        eval_every=3,
+        dev_blocks=4,
+    )
     run = RunFolder(tmp_path)
     train_prompt(student, sampled_init(student, general.blocks, 4, 0), general, spec, run, dev=dev, progress=False)
 

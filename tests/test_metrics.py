@@ -86,8 +86,21 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", replace, expr)
 
 
-_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or",
-                 "unless", "inf", "nan"}
+_PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "inf",
+    "nan",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -139,9 +152,11 @@ def dashboard_metric_names(board: dict[str, Any]) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def banks(tiny_llama: Path) -> dict[str, PromptBank]:
     """m-alpha: the default, for request tests; m-tally: only the Prometheus test; m-idle: never requested."""
-    made = [random_bank(tiny_llama, "m-alpha", k=3, m=4, seed=11),
-            random_bank(tiny_llama, "m-tally", k=2, m=4, seed=12),
-            random_bank(tiny_llama, "m-idle", k=2, m=5, seed=13)]
+    made = [
+        random_bank(tiny_llama, "m-alpha", k=3, m=4, seed=11),
+        random_bank(tiny_llama, "m-tally", k=2, m=4, seed=12),
+        random_bank(tiny_llama, "m-idle", k=2, m=5, seed=13),
+    ]
     return {bank.name: bank for bank in made}
 
 
@@ -166,26 +181,38 @@ def complete(live: LiveServer, model: str, **body: Any) -> dict[str, Any]:
 # ----- banks --------------------------------------------------------------------------------------------------
 
 
-def test_banks_are_described_and_zeroed_at_load(live: LiveServer, banks: dict[str, PromptBank],
-                                                 tiny_llama: Path) -> None:
+def test_banks_are_described_and_zeroed_at_load(
+    live: LiveServer, banks: dict[str, PromptBank], tiny_llama: Path
+) -> None:
     samples = scrape(live)
     model = fingerprint(tiny_llama)
-    info = {"bank": "m-idle", "k": "2", "m": "5", "hidden_size": "128", "model_weights": tiny_llama.name,
-            "model_embedding_sha256": model.embedding_sha256}
+    info = {
+        "bank": "m-idle",
+        "k": "2",
+        "m": "5",
+        "hidden_size": "128",
+        "model_weights": tiny_llama.name,
+        "model_embedding_sha256": model.embedding_sha256,
+    }
     assert series(samples, "idp_bank_info", bank="m-idle") == [info]
     assert value(samples, "idp_bank_info", bank="m-idle") == 1
     assert value(samples, "idp_bank_prompts", bank="m-idle") == 2
     assert value(samples, "idp_bank_loads_total", bank="m-idle") == 1
     zeroed = series(samples, "idp_selections_total", bank="m-idle")
     assert sorted((s["prompt"], s["mode"]) for s in zeroed) == [
-        ("m-idle-p0", "dynamic"), ("m-idle-p0", "forced"), ("m-idle-p1", "dynamic"), ("m-idle-p1", "forced")]
+        ("m-idle-p0", "dynamic"),
+        ("m-idle-p0", "forced"),
+        ("m-idle-p1", "dynamic"),
+        ("m-idle-p1", "forced"),
+    ]
     assert value(samples, "idp_selections_total", bank="m-idle") == 0
     assert series(samples, "idp_selection_margin_ratio_count", bank="m-idle")
     assert series(samples, "idp_selections_total", mode="none") == [{"bank": "", "prompt": "", "mode": "none"}]
 
 
-def test_bank_reloads_and_refused_reloads_are_counted(live: LiveServer, banks: dict[str, PromptBank], home: Path,
-                                                       tiny_llama: Path) -> None:
+def test_bank_reloads_and_refused_reloads_are_counted(
+    live: LiveServer, banks: dict[str, PromptBank], home: Path, tiny_llama: Path
+) -> None:
     before = scrape(live)
     assert live.post("/admin/banks/reload", {}).status_code == 200
     reloaded = scrape(live)
@@ -215,19 +242,27 @@ def test_request_and_selection_metrics(live: LiveServer, tiny_llama: Path) -> No
     model, client = tiny_llama.name, live.client()
     before = scrape(live)
 
-    dynamic = complete(live, model, prompt=["Metrics count inputs", "one by one"], max_tokens=3,
-                       idp={"bank": "m-alpha"})
-    forced = complete(live, model, prompt=["Forced twice", "and again"], max_tokens=2,
-                      idp={"bank": "m-alpha", "prompt": "m-alpha-p1"})
+    dynamic = complete(
+        live, model, prompt=["Metrics count inputs", "one by one"], max_tokens=3, idp={"bank": "m-alpha"}
+    )
+    forced = complete(
+        live, model, prompt=["Forced twice", "and again"], max_tokens=2, idp={"bank": "m-alpha", "prompt": "m-alpha-p1"}
+    )
     plain = complete(live, model, prompt="No prompt here", max_tokens=4, idp={"mode": "none"})
     echoed = complete(live, model, prompt="Only scored", max_tokens=0, echo=True, logprobs=0, idp={"mode": "none"})
     stream = client.completions.create(
-        model=model, prompt="Streamed", max_tokens=5, stream=True, stream_options={"include_usage": True},
+        model=model,
+        prompt="Streamed",
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
         extra_body={"idp": {"bank": "m-alpha", "prompt": "m-alpha-p2"}},
     )
     (stream_usage,) = [chunk.usage for chunk in stream if chunk.usage]  # read to the end: the request ends
     chat = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Count me"}], max_tokens=3,
+        model=model,
+        messages=[{"role": "user", "content": "Count me"}],
+        max_tokens=3,
         extra_body={"idp": {"bank": "m-alpha"}},
     )
     probe = uuid.uuid4().hex
@@ -251,7 +286,8 @@ def test_request_and_selection_metrics(live: LiveServer, tiny_llama: Path) -> No
 
     assert delta("idp_selection_margin_ratio_count", bank="m-alpha") == 3
     assert delta("idp_selection_margin_ratio_sum", bank="m-alpha") == pytest.approx(
-        sum(info["margin"] for info in selected), abs=1e-9)
+        sum(info["margin"] for info in selected), abs=1e-9
+    )
     passes = {info["selection_ms"] for info in selected}  # inputs of one pass share its time
     assert delta("idp_selection_duration_seconds_count") == len(passes)
     assert delta("idp_selection_duration_seconds_sum") == pytest.approx(sum(passes) / 1000, abs=1e-6)
@@ -265,9 +301,11 @@ def test_request_and_selection_metrics(live: LiveServer, tiny_llama: Path) -> No
     assert delta("idp_requests_total", endpoint="chat", mode="dynamic") == 1
     completions = [dynamic["usage"], forced["usage"], plain["usage"], echoed["usage"]]
     assert delta("idp_prompt_tokens_total", endpoint="completions") == (
-        sum(u["prompt_tokens"] for u in completions) + stream_usage.prompt_tokens)
+        sum(u["prompt_tokens"] for u in completions) + stream_usage.prompt_tokens
+    )
     assert delta("idp_completion_tokens_total", endpoint="completions") == (
-        sum(u["completion_tokens"] for u in completions) + stream_usage.completion_tokens)
+        sum(u["completion_tokens"] for u in completions) + stream_usage.completion_tokens
+    )
     assert echoed["usage"]["completion_tokens"] == 0
     assert delta("idp_prompt_tokens_total", endpoint="chat") == chat.usage.prompt_tokens
     assert delta("idp_completion_tokens_total", endpoint="chat") == chat.usage.completion_tokens
@@ -297,7 +335,8 @@ def test_a_repeated_input_reuses_its_selection_and_counts_a_cache_hit(live: Live
     chosen = first["choices"][0]["idp"]
     for choice in again["choices"]:
         assert {k: choice["idp"][k] for k in ("prompt", "scores", "margin")} == {
-            k: chosen[k] for k in ("prompt", "scores", "margin")}
+            k: chosen[k] for k in ("prompt", "scores", "margin")
+        }
         assert choice["idp"]["selection_ms"] == 0.0, "no time was spent selecting it"
 
 
@@ -319,8 +358,10 @@ def test_label_values_never_come_from_requests(live: LiveServer, tiny_llama: Pat
     assert probe not in text
     samples = scrape(live)
     wrong_method = {"handler": "/v1/completions", "status": "405"}
-    assert value(samples, "idp_http_requests_total", **wrong_method) == value(
-        before, "idp_http_requests_total", **wrong_method) + 1, "a wrong method keeps its route"
+    assert (
+        value(samples, "idp_http_requests_total", **wrong_method)
+        == value(before, "idp_http_requests_total", **wrong_method) + 1
+    ), "a wrong method keeps its route"
     handlers = {s["handler"] for s in series(samples, "idp_http_requests_total")}
     routes = {route.path for route in live.app.routes}
     assert handlers <= routes | {"other"}, handlers - routes
@@ -329,34 +370,51 @@ def test_label_values_never_come_from_requests(live: LiveServer, tiny_llama: Pat
 def test_vllm_families_share_the_exposition(live: LiveServer, tiny_llama: Path) -> None:
     """vLLM's default stat loggers register in the default registry, so its families ride on our /metrics."""
     before = scrape(live)
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
-                 "vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total",
-                 "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+    ):
         assert series(before, name), f"{name} missing from /metrics"
     out = complete(live, tiny_llama.name, prompt="Engine stats", max_tokens=6, idp={"mode": "none"})
 
     def recorded() -> Samples | None:
         samples = scrape(live)
         counted = value(samples, "vllm:e2e_request_latency_seconds_count") - value(
-            before, "vllm:e2e_request_latency_seconds_count")
+            before, "vllm:e2e_request_latency_seconds_count"
+        )
         return samples if counted >= 1 else None
 
     after = wait_for(recorded, what="vLLM to record the request")
-    assert value(after, "vllm:e2e_request_latency_seconds_count") - value(
-        before, "vllm:e2e_request_latency_seconds_count") == 1
-    assert value(after, "vllm:generation_tokens_total") - value(before, "vllm:generation_tokens_total") == (
-        out["usage"]["completion_tokens"])
-    assert value(after, "vllm:prompt_tokens_total") - value(before, "vllm:prompt_tokens_total") == (
-        out["usage"]["prompt_tokens"])
+    assert (
+        value(after, "vllm:e2e_request_latency_seconds_count") - value(before, "vllm:e2e_request_latency_seconds_count")
+        == 1
+    )
+    assert (
+        value(after, "vllm:generation_tokens_total") - value(before, "vllm:generation_tokens_total")
+        == (out["usage"]["completion_tokens"])
+    )
+    assert (
+        value(after, "vllm:prompt_tokens_total") - value(before, "vllm:prompt_tokens_total")
+        == (out["usage"]["prompt_tokens"])
+    )
 
 
 # ----- the Grafana dashboard ----------------------------------------------------------------------------------
 
 
 def test_metric_name_parser() -> None:
-    expr = ('histogram_quantile(0.95, sum by (le, bank) (rate(a_bucket{bank=~"x|y", le!="1e3"}[5m]))) / on (bank) '
-            'group_left sum without (instance) (vllm:b_total offset 1m) > bool 0.5 and max(c) or vector(1)')
+    expr = (
+        'histogram_quantile(0.95, sum by (le, bank) (rate(a_bucket{bank=~"x|y", le!="1e3"}[5m]))) / on (bank) '
+        "group_left sum without (instance) (vllm:b_total offset 1m) > bool 0.5 and max(c) or vector(1)"
+    )
     assert metric_names(expr) == {"a_bucket", "vllm:b_total", "c"}
     assert substitute('rate(x{b=~"$bank"}[$__rate_interval])', {"bank": ".*"}) == 'rate(x{b=~".*"}[5m])'
 
@@ -388,19 +446,24 @@ def test_dashboard_is_importable_and_templated() -> None:
     for _, expr in panel_queries(board):
         substitute(expr, {name: ".*" for name in variables})  # every variable used is defined
     used = dashboard_metric_names(board)
-    for needed in ("idp_selections_total", "idp_selection_duration_seconds_bucket",
-                   "idp_selection_margin_ratio_bucket", "idp_http_requests_total",
-                   "idp_http_request_duration_seconds_bucket", "vllm:time_to_first_token_seconds_bucket",
-                   "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
-                   "vllm:kv_cache_usage_perc"):
+    for needed in (
+        "idp_selections_total",
+        "idp_selection_duration_seconds_bucket",
+        "idp_selection_margin_ratio_bucket",
+        "idp_http_requests_total",
+        "idp_http_request_duration_seconds_bucket",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:kv_cache_usage_perc",
+    ):
         assert needed in used, f"no panel plots {needed}"
 
 
 def test_every_dashboard_metric_is_served(live: LiveServer, tiny_llama: Path) -> None:
     complete(live, tiny_llama.name, prompt="Fill every family", max_tokens=2)
     served = {name for name, _ in scrape(live)}
-    missing = {name: sorted(where) for name, where in dashboard_metric_names(dashboard()).items()
-               if name not in served}
+    missing = {name: sorted(where) for name, where in dashboard_metric_names(dashboard()).items() if name not in served}
     assert not missing, f"metrics the dashboard queries but /metrics lacks: {missing}"
 
 
@@ -426,11 +489,17 @@ def prometheus(live: LiveServer, tmp_path: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{_free_port()}"
     log = (tmp_path / "prometheus.log").open("w")
     process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address={url.removeprefix('http://')}"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address={url.removeprefix('http://')}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
+
         def ready() -> bool:
             assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
             try:
@@ -457,17 +526,24 @@ def tally(prometheus: str) -> dict[tuple[str, str], float]:
     return {(r["metric"]["prompt"], r["metric"]["mode"]): float(r["value"][1]) for r in result}
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binary is not installed (Debian: apt-get install "
-                    "prometheus)")
+@pytest.mark.skipif(
+    PROMETHEUS is None, reason="the prometheus binary is not installed (Debian: apt-get install prometheus)"
+)
 def test_prometheus_scrapes_selection_counts(live: LiveServer, prometheus: str, tiny_llama: Path) -> None:
     zero = {(f"m-tally-p{i}", mode): 0.0 for i in (0, 1) for mode in ("dynamic", "forced")}
     assert wait_for(lambda: tally(prometheus), what="the first scrape") == zero, "label sets exist from the start"
 
     for _ in range(3):
-        complete(live, tiny_llama.name, prompt="Tally one", max_tokens=1, idp={"bank": "m-tally",
-                                                                               "prompt": "m-tally-p0"})
-    complete(live, tiny_llama.name, prompt=["Tally two", "and three"], max_tokens=1,
-             idp={"bank": "m-tally", "prompt": "m-tally-p1"})
+        complete(
+            live, tiny_llama.name, prompt="Tally one", max_tokens=1, idp={"bank": "m-tally", "prompt": "m-tally-p0"}
+        )
+    complete(
+        live,
+        tiny_llama.name,
+        prompt=["Tally two", "and three"],
+        max_tokens=1,
+        idp={"bank": "m-tally", "prompt": "m-tally-p1"},
+    )
     expected = {**zero, ("m-tally-p0", "forced"): 3.0, ("m-tally-p1", "forced"): 2.0}
     wait_for(lambda: tally(prometheus) == expected, what=f"Prometheus to see {expected}, last {tally(prometheus)}")
     time.sleep(2.5)  # a few more scrapes, so rate() has samples after the last increase too

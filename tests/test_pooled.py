@@ -33,9 +33,12 @@ def test_half_the_gap_recovered_on_every_example_pair_pattern():
     assert result["fgr"] == pytest.approx(0.5)
     low, high = result["ci"]
     assert low < 0.5 < high and high - low < 0.2
-    bigger = gap_recovered({t: np.tile(v, 4) for t, v in BASE.items()},
-                           {t: np.tile(v, 4) for t, v in COMPRESSED.items()},
-                           {t: np.tile(v, 4) for t, v in method.items()}, RESAMPLES)
+    bigger = gap_recovered(
+        {t: np.tile(v, 4) for t, v in BASE.items()},
+        {t: np.tile(v, 4) for t, v in COMPRESSED.items()},
+        {t: np.tile(v, 4) for t, v in method.items()},
+        RESAMPLES,
+    )
     assert bigger["ci"][1] - bigger["ci"][0] < 0.6 * (high - low), "four times the examples: about half the width"
 
 

@@ -19,9 +19,16 @@ VOCAB = 64
 
 def tiny(seed: int, noise: float = 0.0) -> LlamaForCausalLM:
     """A random tiny Llama; `noise` perturbs every weight (a stand-in for compression)."""
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.3)  # peaked next-token distributions, unlike the default 0.02
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+    )  # peaked next-token distributions, unlike the default 0.02
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -38,8 +45,18 @@ def setup():
 
 
 def spec(**update) -> RecipeSpec:
-    base = {"num_virtual_tokens": 4, "lr": 2e-2, "warmup_steps": 2, "batch_size": 4, "tokens": 12 * 4 * 16,
-            "eval_every": 4, "dev_blocks": 4, "patience": 100, "checkpoints": (64, 320), "save_every": 3}
+    base = {
+        "num_virtual_tokens": 4,
+        "lr": 2e-2,
+        "warmup_steps": 2,
+        "batch_size": 4,
+        "tokens": 12 * 4 * 16,
+        "eval_every": 4,
+        "dev_blocks": 4,
+        "patience": 100,
+        "checkpoints": (64, 320),
+        "save_every": 3,
+    }
     return RecipeSpec(**base | update)
 
 
@@ -47,8 +64,9 @@ def test_the_kd_loss_falls(setup, tmp_path: Path):
     teacher, student, general, dev = setup
     init = sampled_init(student, general.blocks, 8, seed=0)
     run = RunFolder(tmp_path)
-    state = train_prompt(student, init, general, spec(tokens=40 * 4 * 16, lr=0.1, num_virtual_tokens=8), run,
-                         dev=dev, progress=False)
+    state = train_prompt(
+        student, init, general, spec(tokens=40 * 4 * 16, lr=0.1, num_virtual_tokens=8), run, dev=dev, progress=False
+    )
     assert state.done == "budget" and len(run.log()) == 40
     final = load_file(tmp_path / "state.safetensors")["prompt"]
     assert dev_kl(student, final, general, 20, 4) < 0.85 * dev_kl(student, init, general, 20, 4), "training KL"
@@ -64,8 +82,9 @@ def test_a_resumed_run_is_the_uninterrupted_run(setup, tmp_path: Path):
     first = train_prompt(student, init, general, spec(), pieces, dev=dev, max_steps=5, progress=False)
     assert first.step == 5 and first.done is None
     # a fresh process: new objects, the same files
-    second = train_prompt(tiny(0, noise=0.5), torch.zeros_like(init), general, spec(), RunFolder(pieces.folder),
-                          dev=dev, progress=False)
+    second = train_prompt(
+        tiny(0, noise=0.5), torch.zeros_like(init), general, spec(), RunFolder(pieces.folder), dev=dev, progress=False
+    )
     assert second.step == 12 and second.done == "budget"
     a, b = load_file(whole.folder / "state.safetensors"), load_file(pieces.folder / "state.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -89,8 +108,16 @@ def test_mixing_takes_domain_blocks_into_every_batch(setup, tmp_path: Path):
     teacher, student, general, dev = setup
     domain = LiveTeacher(teacher, torch.full((8, 16), 3), k=16)
     init = sampled_init(student, general.blocks, 4, seed=0)
-    state = train_prompt(student, init, general, spec(domain_per_batch=2), RunFolder(tmp_path), domain=domain,
-                         max_steps=2, progress=False)
+    state = train_prompt(
+        student,
+        init,
+        general,
+        spec(domain_per_batch=2),
+        RunFolder(tmp_path),
+        domain=domain,
+        max_steps=2,
+        progress=False,
+    )
     assert state.step == 2
 
 

@@ -52,8 +52,15 @@ LIMITS = {"max_body_bytes": 256 * 1024, "max_prompts": 32, "max_n": 4, "max_toke
 
 
 def serve_settings(model: Path, home: Path, **overrides: Any) -> ServeSettings:
-    return ServeSettings(home=home, model=str(model), banks_dir=home / "banks", max_model_len=512, kv_cache_gib=1,
-                         dtype="float32", **overrides)
+    return ServeSettings(
+        home=home,
+        model=str(model),
+        banks_dir=home / "banks",
+        max_model_len=512,
+        kv_cache_gib=1,
+        dtype="float32",
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +78,16 @@ def home(tmp_path_factory: pytest.TempPathFactory, banks: list[PromptBank]) -> P
 
 @pytest.fixture(scope="module")
 def live(tiny_llama: Path, home: Path) -> Iterator[LiveServer]:
-    settings = serve_settings(tiny_llama, home, default_bank="alpha", api_key=API_KEY, cors_origins=[ORIGIN],
-                              **LIMITS)
+    settings = serve_settings(tiny_llama, home, default_bank="alpha", api_key=API_KEY, cors_origins=[ORIGIN], **LIMITS)
     with LiveServer(settings) as server:
         yield server
 
 
 def post(live: LiveServer, path: str, content: bytes | str | dict[str, Any], **headers: str) -> httpx.Response:
     body = json.dumps(content) if isinstance(content, dict) else content
-    return httpx.post(f"{live.url}{path}", content=body, headers={**AUTH, "content-type": "application/json",
-                                                                   **headers}, timeout=120)
+    return httpx.post(
+        f"{live.url}{path}", content=body, headers={**AUTH, "content-type": "application/json", **headers}, timeout=120
+    )
 
 
 def assert_openai_error(response: httpx.Response, status: int | None = None) -> dict[str, Any]:
@@ -134,8 +141,9 @@ HOSTILE: list[tuple[str, Any, int, str | None]] = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("case", "body", "status", "param"), HOSTILE, ids=[c[0] for c in HOSTILE])
-def test_hostile_requests_get_openai_4xx(live: LiveServer, tiny_llama: Path, case: str, body: Any, status: int,
-                                         param: str | None) -> None:
+def test_hostile_requests_get_openai_4xx(
+    live: LiveServer, tiny_llama: Path, case: str, body: Any, status: int, param: str | None
+) -> None:
     if isinstance(body, dict):
         body = {"model": tiny_llama.name, **body}
     else:
@@ -205,8 +213,14 @@ def test_schemathesis_fuzz(live: LiveServer, tiny_llama: Path) -> None:
             strategies.append(operation.as_strategy(generation_mode=schemathesis.GenerationMode.NEGATIVE))
         for strategy in strategies:
 
-            @settings(max_examples=50, deadline=None, database=None, phases=[Phase.generate], derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=50,
+                deadline=None,
+                database=None,
+                phases=[Phase.generate],
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=strategy)
             def fuzz(case: schemathesis.Case) -> None:
                 response = case.call(headers=AUTH, timeout=120)
@@ -223,13 +237,19 @@ def test_schemathesis_fuzz(live: LiveServer, tiny_llama: Path) -> None:
 
 
 @pytest.mark.slow
-def test_api_key_guards_all_but_open_paths(live: LiveServer, tiny_llama: Path,
-                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_api_key_guards_all_but_open_paths(
+    live: LiveServer, tiny_llama: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     body = {"model": tiny_llama.name, "prompt": "hi", "max_tokens": 2}
     url = f"{live.url}/v1/completions"
     with caplog.at_level(logging.DEBUG):
-        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": API_KEY},
-                        {"authorization": f"Bearer {API_KEY}x"}, {"authorization": f"bearer {API_KEY}"}):
+        for headers in (
+            {},
+            {"authorization": "Bearer wrong"},
+            {"authorization": API_KEY},
+            {"authorization": f"Bearer {API_KEY}x"},
+            {"authorization": f"bearer {API_KEY}"},
+        ):
             refused = httpx.post(url, json=body, headers=headers, timeout=60)
             assert assert_openai_error(refused, 401)["code"] == "invalid_api_key"
             assert refused.headers["www-authenticate"] == "Bearer"
@@ -257,8 +277,10 @@ def test_settings_hide_the_key_and_defaults_are_closed(tiny_llama: Path, home: P
     assert (default.api_key, default.cors_origins, default.open_paths) == (None, [], ["/health", "/metrics"])
     names = [m.cls.__name__ for m in create_app(default).user_middleware]
     assert "ApiKey" not in names and "CORSMiddleware" not in names and "BodyLimit" in names
-    names = [m.cls.__name__ for m in create_app(serve_settings(tiny_llama, home, api_key="k",
-                                                                cors_origins=[ORIGIN])).user_middleware]
+    names = [
+        m.cls.__name__
+        for m in create_app(serve_settings(tiny_llama, home, api_key="k", cors_origins=[ORIGIN])).user_middleware
+    ]
     order = [names.index(name) for name in ("CORSMiddleware", "ApiKey", "BodyLimit")]
     assert order == sorted(order), "outermost first: CORS answers preflights, then the key, then the body limit"
 
@@ -277,11 +299,17 @@ def test_cors_only_for_configured_origins(live: LiveServer) -> None:
 def test_no_pickle_anywhere() -> None:
     """Nothing the project runs may unpickle: banks and models are safetensors/JSON only."""
     root = Path(__file__).resolve().parents[1]
-    pattern = re.compile(r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.loads?\(|torch\.load\(|weights_only\s*=\s*False"
-                         r"|\bimport dill\b|\bjoblib\.load\(|cloudpickle")
-    offenders = [f"{path.relative_to(root)}:{n}" for folder in ("server", "bench") for path in
-                 (root / folder).rglob("*.py") for n, line in enumerate(path.read_text().splitlines(), 1)
-                 if pattern.search(line)]
+    pattern = re.compile(
+        r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.loads?\(|torch\.load\(|weights_only\s*=\s*False"
+        r"|\bimport dill\b|\bjoblib\.load\(|cloudpickle"
+    )
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for folder in ("server", "bench")
+        for path in (root / folder).rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert offenders == []
 
 
@@ -370,9 +398,28 @@ def test_short_load(live: LiveServer, tiny_llama: Path, home: Path, banks: list[
     """bench/load.py for 20 s with 8 clients: no errors, every prompt as selected offline, cancelled streams
     aborted (vLLM finishes only the others, and drains to 0 running/waiting), flat RSS of the server process
     (this one; vLLM's engine processes are reported, see bench/load.py)."""
-    command = [sys.executable, str(ROOT / "bench" / "load.py"), "--url", live.url, "--model", str(tiny_llama),
-               "--banks-dir", str(home / "banks"), "--bank", "alpha", "--clients", "8", "--duration", "20",
-               "--pid", str(os.getpid()), "--api-key", API_KEY, "--cancel-max-tokens", "440"]
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "load.py"),
+        "--url",
+        live.url,
+        "--model",
+        str(tiny_llama),
+        "--banks-dir",
+        str(home / "banks"),
+        "--bank",
+        "alpha",
+        "--clients",
+        "8",
+        "--duration",
+        "20",
+        "--pid",
+        str(os.getpid()),
+        "--api-key",
+        API_KEY,
+        "--cancel-max-tokens",
+        "440",
+    ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
@@ -388,8 +435,9 @@ def _engine_core(pid: int) -> psutil.Process:
 
 
 @pytest.mark.slow
-def test_process_reloads_on_sighup_and_exits_when_the_engine_dies(tiny_llama: Path, tmp_path: Path,
-                                                                  banks: list[PromptBank]) -> None:
+def test_process_reloads_on_sighup_and_exits_when_the_engine_dies(
+    tiny_llama: Path, tmp_path: Path, banks: list[PromptBank]
+) -> None:
     """`server.online.app.run` in its own process, as Kubernetes runs it. SIGHUP reloads the banks. Then the engine core
     is killed mid-decode: /health is 503 within a second or two, in-flight requests (plain and streamed) end with
     an error instead of hanging, new ones get 503, and after engine_death_exit_s the process exits with status 3
@@ -399,14 +447,27 @@ def test_process_reloads_on_sighup_and_exits_when_the_engine_dies(tiny_llama: Pa
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "IDP_HOME": str(tmp_path), "IDP_MODEL": str(tiny_llama),
-           "IDP_BANKS_DIR": str(tmp_path / "banks"), "IDP_PORT": str(port), "IDP_MAX_MODEL_LEN": "512",
-           "IDP_DTYPE": "float32", "IDP_LOG_LEVEL": "warning", "IDP_ENGINE_DEATH_EXIT_S": "3"}
+    env = {
+        **os.environ,
+        "IDP_HOME": str(tmp_path),
+        "IDP_MODEL": str(tiny_llama),
+        "IDP_BANKS_DIR": str(tmp_path / "banks"),
+        "IDP_PORT": str(port),
+        "IDP_MAX_MODEL_LEN": "512",
+        "IDP_DTYPE": "float32",
+        "IDP_LOG_LEVEL": "warning",
+        "IDP_ENGINE_DEATH_EXIT_S": "3",
+    }
     code = "from server.online.app import run; from server.online.settings import ServeSettings; run(ServeSettings())"
     log = tmp_path / "server.log"
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=Path(__file__).resolve().parents[1])
+        process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
+        )
     try:
         _exercise_process(process, url, tiny_llama, tmp_path, banks)
     except BaseException:
@@ -417,8 +478,9 @@ def test_process_reloads_on_sighup_and_exits_when_the_engine_dies(tiny_llama: Pa
         process.wait(30)
 
 
-def _exercise_process(process: subprocess.Popen[bytes], url: str, tiny_llama: Path, home: Path,
-                      banks: list[PromptBank]) -> None:
+def _exercise_process(
+    process: subprocess.Popen[bytes], url: str, tiny_llama: Path, home: Path, banks: list[PromptBank]
+) -> None:
     deadline = time.monotonic() + 240
     while True:
         assert process.poll() is None, "the server exited during start-up"

@@ -15,14 +15,17 @@ from server.lab.loading import freeze, load_model
 from server.lab.screening import classify, paired_ci, screen_task
 
 
-@pytest.mark.parametrize(("n", "chance", "base", "compressed", "status"), [
-    (300, 0.25, 0.60, 0.45, "damaged"),
-    (300, 0.25, 0.60, 0.52, "damaged"),  # exactly 8 points
-    (300, 0.25, 0.60, 0.58, "undamaged"),
-    (300, 0.25, 0.60, 0.55, "unused"),  # between 3 and 8 points
-    (300, 0.25, 0.34, 0.10, "unused"),  # base within 10 points of chance
-    (149, 0.25, 0.90, 0.40, "unused"),  # too few dev examples
-])
+@pytest.mark.parametrize(
+    ("n", "chance", "base", "compressed", "status"),
+    [
+        (300, 0.25, 0.60, 0.45, "damaged"),
+        (300, 0.25, 0.60, 0.52, "damaged"),  # exactly 8 points
+        (300, 0.25, 0.60, 0.58, "undamaged"),
+        (300, 0.25, 0.60, 0.55, "unused"),  # between 3 and 8 points
+        (300, 0.25, 0.34, 0.10, "unused"),  # base within 10 points of chance
+        (149, 0.25, 0.90, 0.40, "unused"),  # too few dev examples
+    ],
+)
 def test_the_rule(n, chance, base, compressed, status):
     assert classify(n, chance, base, compressed) == status
 
@@ -48,20 +51,38 @@ def test_a_screen_stopped_and_resumed_gives_the_uninterrupted_outcomes(tiny_llam
 
 def test_report_applies_the_rule_and_picks_the_transfer_task(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(screening, "RUN_DIR", tmp_path)
-    accuracies = {"si_conversion": (0.8, 0.6), "step_ordering": (0.8, 0.7), "hyperbaton": (0.7, 0.5),
-                  "winowhy": (0.7, 0.69), "strategyqa": (0.52, 0.40)}
+    accuracies = {
+        "si_conversion": (0.8, 0.6),
+        "step_ordering": (0.8, 0.7),
+        "hyperbaton": (0.7, 0.5),
+        "winowhy": (0.7, 0.69),
+        "strategyqa": (0.52, 0.40),
+    }
     for role, column in (("base", 0), ("compressed", 1)):
         (tmp_path / role).mkdir()
         (tmp_path / role / "model.json").write_text(json.dumps({"folder": role, "weights_sha256": role}))
         for task, acc in accuracies.items():
             right = round(acc[column] * 200)
-            state = {"task": task, "weights_sha256": role, "n": 200, "chance": 0.5, "answers": [0] * 200,
-                     "picks": [0] * right + [1] * (200 - right), "picks_norm": [0] * 200}
+            state = {
+                "task": task,
+                "weights_sha256": role,
+                "n": 200,
+                "chance": 0.5,
+                "answers": [0] * 200,
+                "picks": [0] * right + [1] * (200 - right),
+                "picks_norm": [0] * 200,
+            }
             (tmp_path / role / f"{task}.json").write_text(json.dumps(state))
     result = screening.report([*accuracies, "timedial"])
     status = {r["task"]: r["status"] for r in result["tasks"]}
-    assert status == {"si_conversion": "damaged", "step_ordering": "damaged", "hyperbaton": "damaged",
-                      "winowhy": "undamaged", "strategyqa": "unused", "timedial": "incomplete"}
+    assert status == {
+        "si_conversion": "damaged",
+        "step_ordering": "damaged",
+        "hyperbaton": "damaged",
+        "winowhy": "undamaged",
+        "strategyqa": "unused",
+        "timedial": "incomplete",
+    }
     # test sizes: hyperbaton 880, si_conversion 913, step_ordering 933: the smallest is held out for transfer
     assert result["transfer_task"] == "hyperbaton" and result["primary_pool"] == ["si_conversion", "step_ordering"]
     assert result["primary_pool_test_n"] == 913 + 933

@@ -24,8 +24,15 @@ class Counting:
 
     def __init__(self, seed: int) -> None:
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
         model = prepare_selection_model(LlamaForCausalLM(config))
         prompts = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(seed))
         self._selector = CachedSelector(model, prompts)
@@ -95,8 +102,9 @@ def test_a_refused_input_is_not_remembered_and_does_not_fail_its_neighbours(sele
         queue = SelectionQueue(max_batch=16, wait_s=0.01, cache_size=8)
         queue.start()
         try:
-            good, refused = await asyncio.gather(queue.select(selector, [A]), queue.select(selector, [bad]),
-                                                 return_exceptions=True)
+            good, refused = await asyncio.gather(
+                queue.select(selector, [A]), queue.select(selector, [bad]), return_exceptions=True
+            )
             with pytest.raises(ValueError, match="out of range"):
                 await queue.select(selector, [bad])
             return good, refused

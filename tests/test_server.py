@@ -85,9 +85,10 @@ def test_models_health_version_metrics(srv_live: LiveServer, tiny_llama: Path) -
     text = httpx.get(f"{srv_live.url}/metrics").text
     assert "idp_selection_duration_seconds_count" in text and 'idp_requests_total{endpoint="completions"' in text
     assert "vllm:num_requests_running" in text, "vLLM's own metrics share the registry"
-    assert "idp" in httpx.get(f"{srv_live.url}/openapi.json").json()["components"]["schemas"]["CompletionRequest"][
-        "properties"
-    ]
+    assert (
+        "idp"
+        in httpx.get(f"{srv_live.url}/openapi.json").json()["components"]["schemas"]["CompletionRequest"]["properties"]
+    )
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to split")
@@ -134,12 +135,16 @@ def test_greedy_text_equals_direct_vllm_from_embeds(
     assert raw.parse().usage.prompt_tokens == len(ids) and raw.parse().usage.completion_tokens == 12
 
 
-def test_forced_and_none_modes(srv_live: LiveServer, srv_banks: list[PromptBank], srv_tokenizer: Any,
-                               tiny_llama: Path) -> None:
+def test_forced_and_none_modes(
+    srv_live: LiveServer, srv_banks: list[PromptBank], srv_tokenizer: Any, tiny_llama: Path
+) -> None:
     client, prompt = srv_live.client(), "A long time ago"
     ids = srv_tokenizer.encode(prompt)
     forced = client.completions.with_raw_response.create(
-        model=tiny_llama.name, prompt=prompt, max_tokens=8, temperature=0,
+        model=tiny_llama.name,
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0,
         extra_body={"idp": {"bank": "beta", "prompt": "beta-p1"}},
     )
     info = idp(forced.parse().choices[0])
@@ -151,8 +156,14 @@ def test_forced_and_none_modes(srv_live: LiveServer, srv_banks: list[PromptBank]
     plain = client.completions.create(
         model=tiny_llama.name, prompt=prompt, max_tokens=8, temperature=0, extra_body={"idp": {"mode": "none"}}
     )
-    assert idp(plain.choices[0]) == {"mode": "none", "bank": None, "prompt": None, "scores": None, "margin": None,
-                                     "selection_ms": None}
+    assert idp(plain.choices[0]) == {
+        "mode": "none",
+        "bank": None,
+        "prompt": None,
+        "scores": None,
+        "margin": None,
+        "selection_ms": None,
+    }
     assert plain.choices[0].text == srv_live.call(direct_greedy(srv_live, {"prompt_token_ids": ids}, 8))
 
 
@@ -184,7 +195,7 @@ def test_stop_sequences(srv_live: LiveServer, tiny_llama: Path) -> None:
     client = srv_live.client()
     full = client.completions.create(model=tiny_llama.name, prompt="Count: one", max_tokens=10, temperature=0)
     text = full.choices[0].text
-    stop = text[len(text) // 2:][:3]
+    stop = text[len(text) // 2 :][:3]
     assert stop.strip(), f"need a non-blank stop string from {text!r}"
     cut = client.completions.create(
         model=tiny_llama.name, prompt="Count: one", max_tokens=10, temperature=0, stop=[stop]
@@ -206,16 +217,26 @@ def test_streaming_matches_non_streaming(srv_live: LiveServer, tiny_llama: Path)
         lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs
     ]
     assert streamed_logprobs == pytest.approx(whole.choices[0].logprobs.token_logprobs, abs=1e-5)
-    raw = httpx.post(
-        f"{srv_live.url}/v1/completions", json={**kwargs, "stream": True}, timeout=120
-    ).text.strip().split("\n\n")
+    raw = (
+        httpx.post(f"{srv_live.url}/v1/completions", json={**kwargs, "stream": True}, timeout=120)
+        .text.strip()
+        .split("\n\n")
+    )
     assert raw[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in raw)
 
 
 def test_streaming_n_with_echo(srv_live: LiveServer, tiny_llama: Path) -> None:
     """n=2 sampled streams, echoed with logprobs, reassemble into exactly the non-streamed choices."""
-    body = {"model": tiny_llama.name, "prompt": ["Echo me", "And me"], "max_tokens": 5, "n": 2, "seed": 3,
-            "temperature": 1.0, "echo": True, "logprobs": 1}
+    body = {
+        "model": tiny_llama.name,
+        "prompt": ["Echo me", "And me"],
+        "max_tokens": 5,
+        "n": 2,
+        "seed": 3,
+        "temperature": 1.0,
+        "echo": True,
+        "logprobs": 1,
+    }
     whole = srv_live.post("/v1/completions", body).json()["choices"]
     events = srv_live.post("/v1/completions", {**body, "stream": True}).text.strip().split("\n\n")
     texts: dict[int, str] = {}
@@ -241,12 +262,20 @@ def _reference_logprobs(model_dir: Path, prefix: torch.Tensor, ids: list[int]) -
     return [logprobs[m + i - 1, ids[i]].item() for i in range(1, len(ids))]
 
 
-def test_lm_eval_loglikelihood_payload(srv_live: LiveServer, srv_banks: list[PromptBank], srv_tokenizer: Any,
-                                       tiny_llama: Path) -> None:
+def test_lm_eval_loglikelihood_payload(
+    srv_live: LiveServer, srv_banks: list[PromptBank], srv_tokenizer: Any, tiny_llama: Path
+) -> None:
     """lm-evaluation-harness local-completions: token-id prompts, echo, max_tokens=1, logprobs=1."""
     ids = [srv_tokenizer.encode(p) for p in LM_EVAL_PROMPTS]
-    body = {"model": tiny_llama.name, "prompt": ids, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
-            "echo": True}
+    body = {
+        "model": tiny_llama.name,
+        "prompt": ids,
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
     response = srv_live.post("/v1/completions", body)
     assert response.status_code == 200, response.text
     choices = sorted(response.json()["choices"], key=lambda c: c["index"])
@@ -293,7 +322,11 @@ def test_chat_selects_on_rendered_prompt(
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
     assert len(choice.logprobs.content) == 6 and all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
     stream = client.chat.completions.create(
-        model=tiny_llama.name, messages=messages, max_tokens=6, temperature=0, stream=True,
+        model=tiny_llama.name,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -309,7 +342,10 @@ def test_concurrent_requests_keep_their_own_prompt(srv_live: LiveServer, tiny_ll
     def run(bank_prompt: tuple[str, str]) -> tuple[str, str]:
         bank, prompt = bank_prompt
         out = client.completions.with_raw_response.create(
-            model=tiny_llama.name, prompt="Same input for all", max_tokens=6, temperature=0,
+            model=tiny_llama.name,
+            prompt="Same input for all",
+            max_tokens=6,
+            temperature=0,
             extra_body={"idp": {"bank": bank, "prompt": prompt}},
         )
         assert out.headers["x-idp-prompt"] == prompt
@@ -319,9 +355,9 @@ def test_concurrent_requests_keep_their_own_prompt(srv_live: LiveServer, tiny_ll
     dynamic = [f"Input number {i} is here" for i in range(6)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(run, plan))
-        dynamic_results = list(pool.map(
-            lambda p: client.completions.create(model=tiny_llama.name, prompt=p, max_tokens=2), dynamic
-        ))
+        dynamic_results = list(
+            pool.map(lambda p: client.completions.create(model=tiny_llama.name, prompt=p, max_tokens=2), dynamic)
+        )
     assert [r[0] for r in results] == [p for _, p in plan]
     assert all(text == sequential[prompt] for prompt, text in results)
     alone = client.completions.create(model=tiny_llama.name, prompt=dynamic, max_tokens=2)
@@ -346,8 +382,7 @@ def test_concurrent_requests_keep_their_own_prompt(srv_live: LiveServer, tiny_ll
         ({"model": "{m}", "prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias", "logit_bias"),
     ],
 )
-def test_error_shapes(srv_live: LiveServer, tiny_llama: Path, body: dict, status: int, param: str,
-                      needle: str) -> None:
+def test_error_shapes(srv_live: LiveServer, tiny_llama: Path, body: dict, status: int, param: str, needle: str) -> None:
     body = json.loads(json.dumps(body).replace("{m}", tiny_llama.name))
     response = srv_live.post("/v1/completions", body)
     assert response.status_code == status, response.text
@@ -423,14 +458,16 @@ def test_real_model_end_to_end(srv_real: tuple[LiveServer, PromptBank], base_mod
     )
     assert "Paris" in plain.choices[0].text
 
-    body = {"model": base_model.name, "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1,
-            "echo": True}
+    body = {"model": base_model.name, "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True}
     logprobs = live.post("/v1/completions", body).json()["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
     assert all(lp <= 0 for lp in logprobs["token_logprobs"][1:])
 
     chat = client.chat.completions.create(
-        model=base_model.name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0,
+        model=base_model.name,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
         extra_body={"idp": {"mode": "none"}},
     )
     assert chat.choices[0].message.content

@@ -69,8 +69,14 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 TOKENIZER = char_tokenizer()
 VOCAB = len(TOKENIZER)
-FINGERPRINT = Fingerprint(config_sha256="0" * 64, embedding_sha256="0" * 64, hidden_size=HIDDEN, vocab_size=VOCAB,
-                          weights=MODEL, weights_sha256="0" * 64)
+FINGERPRINT = Fingerprint(
+    config_sha256="0" * 64,
+    embedding_sha256="0" * 64,
+    hidden_size=HIDDEN,
+    vocab_size=VOCAB,
+    weights=MODEL,
+    weights_sha256="0" * 64,
+)
 
 
 def spelled(first: int, count: int) -> str:
@@ -170,8 +176,12 @@ class KillingSelector(FakeSelector):
 
 
 def bank(name: str, k: int, m: int) -> PromptBank:
-    return make_bank(name, torch.randn(k, m, HIDDEN, generator=torch.Generator().manual_seed(k * m)),
-                     [f"{name}-p{i}" for i in range(k)], FINGERPRINT)
+    return make_bank(
+        name,
+        torch.randn(k, m, HIDDEN, generator=torch.Generator().manual_seed(k * m)),
+        [f"{name}-p{i}" for i in range(k)],
+        FINGERPRINT,
+    )
 
 
 def bank_set(selector_type: type[FakeSelector] = FakeSelector, default: str | None = "alpha") -> BankSet:
@@ -214,7 +224,7 @@ def complete(client: TestClient, **body: Any) -> Any:
 
 def events(response: Any) -> list[Any]:
     """The `data:` events of an SSE body, JSON-decoded, up to (not including) [DONE], which must end it."""
-    lines = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    lines = [line[len("data: ") :] for line in response.text.split("\n\n") if line]
     assert lines[-1] == "[DONE]"
     return [json.loads(line) for line in lines[:-1]]
 
@@ -262,8 +272,14 @@ def test_forced_and_none_modes(server: tuple[Server, TestClient]) -> None:
     srv, client = server
     forced = complete(client, prompt="Hello", max_tokens=3, idp={"prompt": "alpha-p2"}).json()["choices"][0]
     assert forced["text"] == expected_text(2, 0, 3)
-    assert forced["idp"] == {"mode": "forced", "bank": "alpha", "prompt": "alpha-p2", "scores": None,
-                             "margin": None, "selection_ms": None}
+    assert forced["idp"] == {
+        "mode": "forced",
+        "bank": "alpha",
+        "prompt": "alpha-p2",
+        "scores": None,
+        "margin": None,
+        "selection_ms": None,
+    }
     alone = complete(client, prompt="Hello", max_tokens=3, idp={"mode": "none"})
     assert alone.json()["choices"][0]["text"] == expected_text(None, 0, 3)
     assert alone.headers["x-idp-bank"] == "-" and alone.headers["x-idp-selection-ms"] == "-"
@@ -313,8 +329,10 @@ def test_a_stream_says_what_the_answer_says(server: tuple[Server, TestClient]) -
 def test_chat_selects_on_the_rendered_conversation(server: tuple[Server, TestClient]) -> None:
     srv, client = server
     messages = [{"role": "user", "content": "Say hi"}]
-    response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 3,
-                                                         "logprobs": True, "top_logprobs": 1})
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 3, "logprobs": True, "top_logprobs": 1},
+    )
     rendered = "<user>Say hi\n<assistant>"
     row = len(rendered) % 3
     choice = response.json()["choices"][0]
@@ -331,8 +349,7 @@ def test_chat_without_max_tokens_gets_the_context_left_and_streams_alike(server:
     whole = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}).json()
     (tokens, prefix, params) = srv.engine.calls[-1]
     assert params.max_tokens == min(CONTEXT - prefix.bank.m - len(tokens), LIMITS.max_tokens)
-    streamed = events(client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages,
-                                                                "stream": True}))
+    streamed = events(client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "stream": True}))
     assert streamed[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert streamed[0]["choices"][0]["idp"]["prompt"] == whole["choices"][0]["idp"]["prompt"]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed[1:])
@@ -416,8 +433,9 @@ def test_a_dead_engine_is_503_before_a_stream_and_an_error_event_inside_one(serv
     assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == expected_text(row, 0, 6)[:2]
     assert streamed[-1]["error"]["code"] == "engine_unavailable"
     for stream in (False, True):
-        assert error_of(complete(client, prompt="Hello", max_tokens=2, stream=stream), 503)["code"] == \
-            "engine_unavailable"
+        assert (
+            error_of(complete(client, prompt="Hello", max_tokens=2, stream=stream), 503)["code"] == "engine_unavailable"
+        )
     assert error_of(client.get("/health"), 503)["code"] == "engine_unavailable"
 
 
@@ -433,8 +451,10 @@ def test_models_lists_the_banks_and_a_reload_swaps_them_whole() -> None:
         assert card["idp"]["default_bank"] == "alpha"
         assert [(b["name"], b["k"], b["m"]) for b in card["idp"]["banks"]] == [("alpha", 3, 4), ("beta", 2, 6)]
         reloaded = client.post("/admin/banks/reload")
-        assert reloaded.json() == {"default_bank": "gamma",
-                                   "banks": [{"name": "gamma", "k": 2, "m": 4, "prompts": ["gamma-p0", "gamma-p1"]}]}
+        assert reloaded.json() == {
+            "default_bank": "gamma",
+            "banks": [{"name": "gamma", "k": 2, "m": 4, "prompts": ["gamma-p0", "gamma-p1"]}],
+        }
         assert complete(client, prompt="Hi", max_tokens=1).json()["choices"][0]["idp"]["bank"] == "gamma"
 
 

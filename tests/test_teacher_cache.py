@@ -15,8 +15,15 @@ VOCAB = 96
 
 
 def tiny(seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
@@ -92,11 +99,17 @@ def test_build_resumes_by_shard_and_the_key_follows_blocks_teacher_and_k(tmp_pat
     again = TeacherCache(tmp_path, blocks, "teacher-digest", k=8, shard_blocks=4)
     again.build(teacher, progress=False)
     assert again.complete() and again.shard_path(0).stat().st_mtime_ns == kept
-    torch.testing.assert_close(again.targets(torch.tensor([8, 9])).topk_logprobs,
-                               teacher_targets(teacher, blocks[8:10], k=8).topk_logprobs, atol=1e-5, rtol=1e-5)
-    others = [TeacherCache(tmp_path, blocks, "other-teacher", k=8, shard_blocks=4),
-              TeacherCache(tmp_path, blocks, "teacher-digest", k=16, shard_blocks=4),
-              TeacherCache(tmp_path, blocks.flip(0), "teacher-digest", k=8, shard_blocks=4)]
+    torch.testing.assert_close(
+        again.targets(torch.tensor([8, 9])).topk_logprobs,
+        teacher_targets(teacher, blocks[8:10], k=8).topk_logprobs,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    others = [
+        TeacherCache(tmp_path, blocks, "other-teacher", k=8, shard_blocks=4),
+        TeacherCache(tmp_path, blocks, "teacher-digest", k=16, shard_blocks=4),
+        TeacherCache(tmp_path, blocks.flip(0), "teacher-digest", k=8, shard_blocks=4),
+    ]
     assert len({cache.folder, *(o.folder for o in others)}) == 4
 
 

@@ -23,8 +23,10 @@ class Settings(BaseSettings):
     models_dir: Path | None = Field(None, description="Converted and compressed models (default: HOME/models).")
     data_dir: Path | None = Field(None, description="Offline corpora extracted from packages (default: HOME/data).")
     torch_threads: int = Field(
-        1, ge=1, description="torch intra-op threads for offline work; 1 by default: on small shared hosts a second thread "
-        "mostly contends with the first."
+        1,
+        ge=1,
+        description="torch intra-op threads for offline work; 1 by default: on small shared hosts a second "
+        "thread mostly contends with the first.",
     )
 
     @model_validator(mode="after")

@@ -31,8 +31,9 @@ def lee_heldout(data_dir: Path) -> list[str]:
     return _lee_file(data_dir, "lee.cor").read_text(encoding="latin-1").splitlines()
 
 
-def token_blocks(tokenizer: PreTrainedTokenizerBase, docs: list[str], block_len: int,
-                 n_blocks: int | None = None) -> torch.Tensor:
+def token_blocks(
+    tokenizer: PreTrainedTokenizerBase, docs: list[str], block_len: int, n_blocks: int | None = None
+) -> torch.Tensor:
     """Concatenate documents (EOS-separated) and cut consecutive blocks of `block_len` tokens.
 
     `n_blocks=None` takes every full block; a number asks for exactly that many and raises ValueError when
@@ -51,8 +52,16 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "news": (),
     "howto": ("step_inference", "goal_inference"),
     "units": ("unit_identification", "physical_intuition"),
-    "knowledge": ("general_knowledge", "human_organs_senses", "odd_one_out", "phrase_relatedness",
-                  "similarities_abstraction", "riddle_sense", "emoji_movie", "anachronisms"),
+    "knowledge": (
+        "general_knowledge",
+        "human_organs_senses",
+        "odd_one_out",
+        "phrase_relatedness",
+        "similarities_abstraction",
+        "riddle_sense",
+        "emoji_movie",
+        "anachronisms",
+    ),
 }
 
 
@@ -71,8 +80,14 @@ def source_texts(name: str, data_dir: Path, heldout: bool = False) -> list[str]:
     return [e.rendered() for task in SOURCES[name] for e in task_split(task, split)]
 
 
-def domain_blocks(tokenizer: PreTrainedTokenizerBase, sources: tuple[str, ...], data_dir: Path, seq_len: int,
-                  heldout: bool = False, seed: int = 0) -> torch.Tensor:
+def domain_blocks(
+    tokenizer: PreTrainedTokenizerBase,
+    sources: tuple[str, ...],
+    data_dir: Path,
+    seq_len: int,
+    heldout: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
     """Token blocks [N, seq_len] of the union of training domains, in a seeded shuffled order (the order a
     teacher cache and `recipe` training read them in)."""
     texts = [t for name in sources for t in source_texts(name, data_dir, heldout=heldout)]

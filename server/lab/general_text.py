@@ -103,8 +103,11 @@ def texts(data_dir: Path, split: GeneralSplit) -> list[str]:
 
 # ----- wiki markup -------------------------------------------------------------------------------------------
 
-_TAIL_SECTIONS = re.compile(r"^==+\s*(References|Notes|External links|See also|Further reading|Bibliography|"
-                            r"Sources|Citations|Footnotes)\s*==+\s*$", re.MULTILINE | re.IGNORECASE)
+_TAIL_SECTIONS = re.compile(
+    r"^==+\s*(References|Notes|External links|See also|Further reading|Bibliography|"
+    r"Sources|Citations|Footnotes)\s*==+\s*$",
+    re.MULTILINE | re.IGNORECASE,
+)
 _DROP_LINK = re.compile(r"^\s*(File|Image|Category|Media|[a-z]{2,3}(-[a-z]+)?):", re.IGNORECASE)
 
 
@@ -168,8 +171,9 @@ def _replace_links(text: str) -> str:
         text = new
 
 
-def general_blocks(tokenizer: PreTrainedTokenizerBase, data_dir: Path, split: GeneralSplit, seq_len: int,
-                   seed: int = 0) -> torch.Tensor:
+def general_blocks(
+    tokenizer: PreTrainedTokenizerBase, data_dir: Path, split: GeneralSplit, seq_len: int, seed: int = 0
+) -> torch.Tensor:
     """Every full block [N, seq_len] of a split's text, in a seeded shuffled order.
 
     Training reads blocks in this order (epoch one is a prefix of it), so a teacher cache built in the same

@@ -49,9 +49,12 @@ def measure(run_dir: Path, student, tokenizer, dev, dev_blocks: int, tasks: list
             continue
         prompt = load_file(file)["prompt"].to(student.device) if file else None
         empty = torch.zeros(0, student.get_input_embeddings().weight.shape[1], device=student.device)
-        point = {"tokens": tokens, "dev_kl": dev_kl(student, empty if prompt is None else prompt, dev, dev_blocks, 4),
-                 "dev_kl_tokens": min(dev_blocks, len(dev.blocks)) * (dev.blocks.shape[1] - 1),
-                 "dev_acc": {t: task_accuracy(student, tokenizer, t, prompt) for t in tasks}}
+        point = {
+            "tokens": tokens,
+            "dev_kl": dev_kl(student, empty if prompt is None else prompt, dev, dev_blocks, 4),
+            "dev_kl_tokens": min(dev_blocks, len(dev.blocks)) * (dev.blocks.shape[1] - 1),
+            "dev_acc": {t: task_accuracy(student, tokenizer, t, prompt) for t in tasks},
+        }
         points = sorted([p for p in points if p["tokens"] != tokens] + [point], key=lambda p: p["tokens"])
         path.write_text(json.dumps(points, indent=1))
     return points
@@ -69,7 +72,7 @@ def plot(points: list[dict], out: Path, reference: dict[str, dict[str, float]] |
     kl.plot(xs, [p["dev_kl"] for p in points], "o-")
     kl.set(xscale="log", xlabel="training tokens (no prompt at 1k)", ylabel="token KL to base (general dev)")
     for task in points[0]["dev_acc"]:
-        line, = acc.plot(xs, [p["dev_acc"][task] for p in points], "o-", label=task)
+        (line,) = acc.plot(xs, [p["dev_acc"][task] for p in points], "o-", label=task)
         if reference and task in reference:
             acc.axhline(reference[task]["base"], color=line.get_color(), linestyle="--", linewidth=0.8)
     acc.set(xscale="log", xlabel="training tokens", ylabel="dev accuracy (dashed: base model)")
@@ -106,8 +109,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{student_dir} is not the model run {args.run} trained against: its points would be void")
     dev = general_cache(args.teacher, settings.data_dir, "dev", spec["seq_len"])
     student = freeze(load_model(student_dir, device=torch_device(args.device)))
-    points = measure(run_dir, student, AutoTokenizer.from_pretrained(student_dir), dev, args.dev_blocks,
-                     args.tasks.split(","), time.monotonic() + args.max_seconds)
+    points = measure(
+        run_dir,
+        student,
+        AutoTokenizer.from_pretrained(student_dir),
+        dev,
+        args.dev_blocks,
+        args.tasks.split(","),
+        time.monotonic() + args.max_seconds,
+    )
     screening = RUNS_DIR / "screening" / "screening.json"
     reference = {r["task"]: r for r in json.loads(screening.read_text())["tasks"]} if screening.exists() else None
     if points:

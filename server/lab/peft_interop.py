@@ -32,9 +32,14 @@ def export_peft(bank: PromptBank, prompt_name: str, folder: Path, base_model_nam
     model_dir = Path(base_model_name_or_path) if base_model_name_or_path else None
     shape = text_config(model_dir) if model_dir and (model_dir / "config.json").is_file() else {}
     config = PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=bank.m, token_dim=bank.hidden_size, num_transformer_submodules=1,
-        num_attention_heads=shape.get("num_attention_heads"), num_layers=shape.get("num_hidden_layers"),
-        base_model_name_or_path=base_model_name_or_path, inference_mode=True,
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=bank.m,
+        token_dim=bank.hidden_size,
+        num_transformer_submodules=1,
+        num_attention_heads=shape.get("num_attention_heads"),
+        num_layers=shape.get("num_hidden_layers"),
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
     )
     folder = Path(folder)
     config.save_pretrained(str(folder))
@@ -78,11 +83,14 @@ def _read_peft_prompt(folder: Path, hidden_size: int) -> torch.Tensor:
     if not isinstance(config, PromptTuningConfig):
         raise BankError(f"{config_path}: field 'peft_type' is {raw['peft_type']}, only PROMPT_TUNING can join a bank")
     if config.num_transformer_submodules not in (None, 1):
-        raise BankError(f"{config_path}: field 'num_transformer_submodules' is {config.num_transformer_submodules}, "
-                        "only decoder-only (1) prompts can join a bank")
+        raise BankError(
+            f"{config_path}: field 'num_transformer_submodules' is {config.num_transformer_submodules}, "
+            "only decoder-only (1) prompts can join a bank"
+        )
     if config.token_dim != hidden_size:
-        raise BankError(f"{config_path}: field 'token_dim' is {config.token_dim}, the model's hidden size is "
-                        f"{hidden_size}")
+        raise BankError(
+            f"{config_path}: field 'token_dim' is {config.token_dim}, the model's hidden size is {hidden_size}"
+        )
     return _read_peft_tensor(folder / PEFT_WEIGHTS_FILE, (config.num_virtual_tokens, config.token_dim))
 
 
@@ -98,6 +106,8 @@ def _read_peft_tensor(path: Path, shape: tuple[int, int]) -> torch.Tensor:
         raise BankError(f"{path}: no tensor {PEFT_TENSOR_KEY!r}, found {sorted(tensors)}")
     prompt = tensors[PEFT_TENSOR_KEY]
     if tuple(prompt.shape) != shape:
-        raise BankError(f"{path}: '{PEFT_TENSOR_KEY}' has shape {list(prompt.shape)}, adapter config "
-                        f"(num_virtual_tokens, token_dim) says {list(shape)}")
+        raise BankError(
+            f"{path}: '{PEFT_TENSOR_KEY}' has shape {list(prompt.shape)}, adapter config "
+            f"(num_virtual_tokens, token_dim) says {list(shape)}"
+        )
     return prompt.to(torch.float32)

@@ -21,8 +21,9 @@ SEED = 0
 CHUNK = 500
 
 
-def _resampled_sums(tasks: list[str], sizes: dict[str, int], methods: list[Outcomes], resamples: int,
-                    seed: int) -> Iterator[np.ndarray]:
+def _resampled_sums(
+    tasks: list[str], sizes: dict[str, int], methods: list[Outcomes], resamples: int, seed: int
+) -> Iterator[np.ndarray]:
     """Chunks [methods, chunk] of pooled outcome sums over stratified paired resamples."""
     rng = np.random.default_rng(seed)
     for start in range(0, resamples, CHUNK):
@@ -61,8 +62,9 @@ def paired_difference(a: Outcomes, b: Outcomes, resamples: int = RESAMPLES, seed
     return {"difference": pooled_mean(a) - pooled_mean(b), "ci": _interval(means[0] - means[1])}
 
 
-def gap_recovered(base: Outcomes, compressed: Outcomes, method: Outcomes, resamples: int = RESAMPLES,
-                  seed: int = SEED) -> dict:
+def gap_recovered(
+    base: Outcomes, compressed: Outcomes, method: Outcomes, resamples: int = RESAMPLES, seed: int = SEED
+) -> dict:
     """FGR of `method` with its 95% interval; `defined` is False (FGR None) when the pooled gap's own interval
     contains 0, where a ratio over it means nothing."""
     means = resampled_means([base, compressed, method], resamples, seed)

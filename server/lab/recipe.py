@@ -111,8 +111,9 @@ def dev_kl(student: PreTrainedModel, prompt: torch.Tensor, dev: Supervision, blo
     total, count = 0.0, 0
     for start in range(0, min(blocks, len(dev.blocks)), batch_size):
         index = torch.arange(start, min(start + batch_size, blocks, len(dev.blocks)))
-        loss = kd_loss(prompted_logits(student, prompt.to(device), dev.blocks[index].to(device)),
-                       dev.targets(index).to(device))
+        loss = kd_loss(
+            prompted_logits(student, prompt.to(device), dev.blocks[index].to(device)), dev.targets(index).to(device)
+        )
         total, count = total + loss.sum().item(), count + len(index)
     return total / count
 
@@ -141,15 +142,17 @@ class RunFolder:
         record = {"spec": spec.model_dump(mode="json"), **identity}
         path = self.folder / "spec.json"
         if path.exists() and json.loads(path.read_text()) != record:
-            raise ValueError(f"{path} records another run ({json.loads(path.read_text())}); "
-                             f"use a new run folder for {record}")
+            raise ValueError(
+                f"{path} records another run ({json.loads(path.read_text())}); use a new run folder for {record}"
+            )
         path.write_text(json.dumps(record, indent=1))
 
     def load(self) -> tuple[RunState, dict[str, torch.Tensor]] | None:
         if not (self.folder / "state.json").exists():
             return None
         return RunState(**json.loads((self.folder / "state.json").read_text())), load_file(
-            self.folder / "state.safetensors")
+            self.folder / "state.safetensors"
+        )
 
     def save(self, state: RunState, tensors: dict[str, torch.Tensor], log: list[dict]) -> None:
         """Append the log lines, then write the state (tensors first, then the JSON that points past them)."""
@@ -174,9 +177,11 @@ class RunFolder:
 
     def checkpoint(self, tokens: int, prompt: torch.Tensor, record: dict) -> None:
         (self.folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_file({"prompt": prompt.detach().cpu().contiguous()},
-                  self.folder / "checkpoints" / f"prompt-{tokens}.safetensors",
-                  metadata={k: str(v) for k, v in record.items()})
+        save_file(
+            {"prompt": prompt.detach().cpu().contiguous()},
+            self.folder / "checkpoints" / f"prompt-{tokens}.safetensors",
+            metadata={k: str(v) for k, v in record.items()},
+        )
 
     def best_prompt(self) -> torch.Tensor:
         return load_file(self.folder / "state.safetensors")["best"]
@@ -186,9 +191,18 @@ def total_steps(spec: RecipeSpec, seq_len: int) -> int:
     return math.ceil(spec.tokens / (spec.batch_size * seq_len))
 
 
-def train_prompt(student: PreTrainedModel, init: torch.Tensor, general: Supervision, spec: RecipeSpec,
-                 run: RunFolder, dev: Supervision | None = None, domain: Supervision | None = None,
-                 max_seconds: float = math.inf, max_steps: int | None = None, progress: bool = True) -> RunState:
+def train_prompt(
+    student: PreTrainedModel,
+    init: torch.Tensor,
+    general: Supervision,
+    spec: RecipeSpec,
+    run: RunFolder,
+    dev: Supervision | None = None,
+    domain: Supervision | None = None,
+    max_seconds: float = math.inf,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> RunState:
     """Train (or resume) one prompt; return the run's state. Stops at the budget, on early stopping, after
     `max_seconds` or `max_steps` steps of this call (state saved: run again to resume), or when the teacher
     cache lacks a shard it needs."""
@@ -198,17 +212,27 @@ def train_prompt(student: PreTrainedModel, init: torch.Tensor, general: Supervis
     steps = total_steps(spec, seq_len)
     prompt = torch.nn.Parameter(init.clone().float().to(device))
     optimizer = torch.optim.Adam([prompt], lr=spec.lr)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, spec.warmup_steps, steps,
-                                                            min_lr_rate=spec.min_lr_rate)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, spec.warmup_steps, steps, min_lr_rate=spec.min_lr_rate
+    )
     best = prompt.detach().clone()
     state = RunState()
     if (saved := run.load()) is not None:
         state, tensors = saved
         prompt.data.copy_(tensors["prompt"].to(device))
         best = tensors["best"].to(device)
-        optimizer.load_state_dict({"state": {0: {"step": tensors["adam_step"], "exp_avg": tensors["exp_avg"].to(device),
-                                                 "exp_avg_sq": tensors["exp_avg_sq"].to(device)}},
-                                   "param_groups": state.param_groups})
+        optimizer.load_state_dict(
+            {
+                "state": {
+                    0: {
+                        "step": tensors["adam_step"],
+                        "exp_avg": tensors["exp_avg"].to(device),
+                        "exp_avg_sq": tensors["exp_avg_sq"].to(device),
+                    }
+                },
+                "param_groups": state.param_groups,
+            }
+        )
         scheduler.load_state_dict(state.scheduler)
         run.trim_log(state.step)
     if state.done is not None:
@@ -221,8 +245,17 @@ def train_prompt(student: PreTrainedModel, init: torch.Tensor, general: Supervis
     def save() -> None:
         adam = optimizer.state[prompt]
         state.scheduler, state.param_groups = scheduler.state_dict(), optimizer.state_dict()["param_groups"]
-        run.save(state, {"prompt": prompt, "best": best, "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"],
-                         "adam_step": adam["step"]}, pending)
+        run.save(
+            state,
+            {
+                "prompt": prompt,
+                "best": best,
+                "exp_avg": adam["exp_avg"],
+                "exp_avg_sq": adam["exp_avg_sq"],
+                "adam_step": adam["step"],
+            },
+            pending,
+        )
         pending.clear()
 
     bar = tqdm(total=steps, initial=state.step, desc=run.folder.name, disable=not progress)
@@ -267,8 +300,9 @@ def train_prompt(student: PreTrainedModel, init: torch.Tensor, general: Supervis
     return state
 
 
-def _batch(step: int, general: Supervision, general_per_batch: int, domain: Supervision | None,
-           spec: RecipeSpec) -> tuple[torch.Tensor, TeacherTargets]:
+def _batch(
+    step: int, general: Supervision, general_per_batch: int, domain: Supervision | None, spec: RecipeSpec
+) -> tuple[torch.Tensor, TeacherTargets]:
     """The blocks and targets of one step: general blocks, then domain blocks when mixing."""
     parts = []
     if general_per_batch:
@@ -278,8 +312,12 @@ def _batch(step: int, general: Supervision, general_per_batch: int, domain: Supe
         index = stream_index(step, spec.domain_per_batch, len(domain.blocks), spec.seed + 1)
         parts.append((domain.blocks[index], domain.targets(index)))
     ids = torch.cat([p[0] for p in parts])
-    targets = TeacherTargets(*(torch.cat(t) for t in zip(*[(p[1].topk_logprobs, p[1].topk_ids, p[1].tail_logprob)
-                                                           for p in parts], strict=True)))
+    targets = TeacherTargets(
+        *(
+            torch.cat(t)
+            for t in zip(*[(p[1].topk_logprobs, p[1].topk_ids, p[1].tail_logprob) for p in parts], strict=True)
+        )
+    )
     return ids, targets
 
 
@@ -322,20 +360,32 @@ def main(argv: list[str] | None = None) -> None:
     domain_run = args.what == "domain"
     if domain_run and not (args.init_run and args.sources):
         parser.error("domain needs --init-run and --sources")
-    spec = RecipeSpec(tokens=args.tokens, num_virtual_tokens=args.num_virtual_tokens, lr=args.lr,
-                      checkpoints=tuple(int(c) for c in args.checkpoints.split(",") if c),
-                      domain_per_batch=args.domain_per_batch if domain_run else 0)
+    spec = RecipeSpec(
+        tokens=args.tokens,
+        num_virtual_tokens=args.num_virtual_tokens,
+        lr=args.lr,
+        checkpoints=tuple(int(c) for c in args.checkpoints.split(",") if c),
+        domain_per_batch=args.domain_per_batch if domain_run else 0,
+    )
     general = general_cache(args.teacher, settings.data_dir, "train", args.seq_len)
     dev = general_cache(args.teacher, settings.data_dir, "dev", args.seq_len)
     domain = None
-    identity = {"student": args.student.name, "student_weights_sha256": verified_weights_digest(args.student),
-                "teacher_cache": general.folder.name, "seq_len": args.seq_len}
+    identity = {
+        "student": args.student.name,
+        "student_weights_sha256": verified_weights_digest(args.student),
+        "teacher_cache": general.folder.name,
+        "seq_len": args.seq_len,
+    }
     if domain_run:
         tokenizer, sources = AutoTokenizer.from_pretrained(args.teacher), tuple(args.sources.split(","))
-        domain = cache_for(args.teacher, settings.data_dir, domain_blocks(tokenizer, sources, settings.data_dir,
-                                                                           args.seq_len))
-        dev = cache_for(args.teacher, settings.data_dir, domain_blocks(tokenizer, sources, settings.data_dir,
-                                                                        args.seq_len, heldout=True))
+        domain = cache_for(
+            args.teacher, settings.data_dir, domain_blocks(tokenizer, sources, settings.data_dir, args.seq_len)
+        )
+        dev = cache_for(
+            args.teacher,
+            settings.data_dir,
+            domain_blocks(tokenizer, sources, settings.data_dir, args.seq_len, heldout=True),
+        )
         for cache in (domain, dev):
             if not cache.complete():  # small: a few minutes of teacher forwards, done once
                 cache.build(freeze(load_model(args.teacher)))
@@ -349,8 +399,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         init = sampled_init(student, general.blocks, spec.num_virtual_tokens, spec.seed)
     state = train_prompt(student, init, general, spec, run, dev=dev, domain=domain, max_seconds=args.max_seconds)
-    print(json.dumps({"run": str(run.folder), "step": state.step, "of": total_steps(spec, args.seq_len),
-                      "best_dev_kl": state.best_dev, "done": state.done}), flush=True)
+    print(
+        json.dumps(
+            {
+                "run": str(run.folder),
+                "step": state.step,
+                "of": total_steps(spec, args.seq_len),
+                "best_dev_kl": state.best_dev,
+                "done": state.done,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,28 @@ ABOVE_CHANCE = 0.10
 DAMAGED = 0.08
 UNDAMAGED = 0.03
 MIN_TRANSFER_TEST = 300
-SCREENED = ("unit_identification", "step_inference", "goal_inference", "si_conversion", "different_systems",
-            "chained_conversion", "novel_systems", "step_ordering", "fever", "question_selection", "timedial",
-            "social_iqa", "winowhy", "strategyqa", "epistemic_reasoning", "logical_fallacy_detection",
-            "bbq_race_disambig", "hyperbaton", "sentiment_en", "knowledge_conflicts")
+SCREENED = (
+    "unit_identification",
+    "step_inference",
+    "goal_inference",
+    "si_conversion",
+    "different_systems",
+    "chained_conversion",
+    "novel_systems",
+    "step_ordering",
+    "fever",
+    "question_selection",
+    "timedial",
+    "social_iqa",
+    "winowhy",
+    "strategyqa",
+    "epistemic_reasoning",
+    "logical_fallacy_detection",
+    "bbq_race_disambig",
+    "hyperbaton",
+    "sentiment_en",
+    "knowledge_conflicts",
+)
 """Every task with >= 1,500 examples (so >= 150 dev); the smaller vendored tasks cannot meet n >= 150."""
 
 
@@ -54,8 +72,15 @@ def screen_task(model, tokenizer, task: str, out: Path, digest: str, deadline: f
     examples = task_split(task, "dev", DEV_LIMIT)
     state = json.loads(out.read_text()) if out.exists() else {}
     if state.get("weights_sha256") != digest:
-        state = {"task": task, "weights_sha256": digest, "n": len(examples), "chance": chance(examples),
-                 "picks": [], "picks_norm": [], "answers": [e.answer for e in examples]}
+        state = {
+            "task": task,
+            "weights_sha256": digest,
+            "n": len(examples),
+            "chance": chance(examples),
+            "picks": [],
+            "picks_norm": [],
+            "answers": [e.answer for e in examples],
+        }
     done = len(state["picks"])
     for i in tqdm(range(done, len(examples)), desc=task, initial=done, total=len(examples)):
         example = examples[i]
@@ -120,28 +145,46 @@ def report(tasks: list[str]) -> dict:
     rows = []
     for task in tasks:
         states = {r: json.loads(p.read_text()) for r in models if (p := RUN_DIR / r / f"{task}.json").exists()}
-        if len(states) < 2 or any(len(s["picks"]) < s["n"] or s["weights_sha256"] != models[r]["weights_sha256"]
-                                  for r, s in states.items()):
+        if len(states) < 2 or any(
+            len(s["picks"]) < s["n"] or s["weights_sha256"] != models[r]["weights_sha256"] for r, s in states.items()
+        ):
             rows.append({"task": task, "status": "incomplete"})
             continue
         base, comp = accuracy(states["base"]), accuracy(states["compressed"])
-        row = {"task": task, "n": len(base), "chance": round(states["base"]["chance"], 4),
-               "base": round(base.mean(), 4), "compressed": round(comp.mean(), 4),
-               "damage": round(base.mean() - comp.mean(), 4),
-               "damage_ci": [round(x, 4) for x in paired_ci(base - comp)],
-               "base_norm": round(accuracy(states["base"], "picks_norm").mean(), 4),
-               "compressed_norm": round(accuracy(states["compressed"], "picks_norm").mean(), 4),
-               "test_n": len(task_split(task, "test"))}
+        row = {
+            "task": task,
+            "n": len(base),
+            "chance": round(states["base"]["chance"], 4),
+            "base": round(base.mean(), 4),
+            "compressed": round(comp.mean(), 4),
+            "damage": round(base.mean() - comp.mean(), 4),
+            "damage_ci": [round(x, 4) for x in paired_ci(base - comp)],
+            "base_norm": round(accuracy(states["base"], "picks_norm").mean(), 4),
+            "compressed_norm": round(accuracy(states["compressed"], "picks_norm").mean(), 4),
+            "test_n": len(task_split(task, "test")),
+        }
         row["status"] = classify(row["n"], row["chance"], row["base"], row["compressed"])
         rows.append(row)
     damaged = [r for r in rows if r.get("status") == "damaged"]
-    transfer = min((r for r in damaged if r["test_n"] >= MIN_TRANSFER_TEST), key=lambda r: (r["test_n"], r["task"]),
-                   default=None) if len(damaged) >= 2 else None
+    transfer = (
+        min(
+            (r for r in damaged if r["test_n"] >= MIN_TRANSFER_TEST),
+            key=lambda r: (r["test_n"], r["task"]),
+            default=None,
+        )
+        if len(damaged) >= 2
+        else None
+    )
     pool = [r["task"] for r in damaged if transfer is None or r["task"] != transfer["task"]]
-    result = {"rule": "docs/evaluation-protocol.md section 2-3", "models": models, "tasks": rows,
-              "primary_pool": pool, "primary_pool_test_n": sum(r["test_n"] for r in damaged if r["task"] in pool),
-              "transfer_task": transfer["task"] if transfer else None,
-              "do_no_harm": [r["task"] for r in rows if r.get("status") == "undamaged"]}
+    result = {
+        "rule": "docs/evaluation-protocol.md section 2-3",
+        "models": models,
+        "tasks": rows,
+        "primary_pool": pool,
+        "primary_pool_test_n": sum(r["test_n"] for r in damaged if r["task"] in pool),
+        "transfer_task": transfer["task"] if transfer else None,
+        "do_no_harm": [r["task"] for r in rows if r.get("status") == "undamaged"],
+    }
     (RUN_DIR / "screening.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -153,8 +196,10 @@ def table(result: dict) -> str:
             lines.append(f"| {r['task']} | | | | | | incomplete |")
             continue
         lo, hi = r["damage_ci"]
-        lines.append(f"| {r['task']} | {r['n']} | {r['chance']:.3f} | {r['base']:.3f} | {r['compressed']:.3f} | "
-                     f"{r['damage']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['status']} |")
+        lines.append(
+            f"| {r['task']} | {r['n']} | {r['chance']:.3f} | {r['base']:.3f} | {r['compressed']:.3f} | "
+            f"{r['damage']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['status']} |"
+        )
     return "\n".join(lines)
 
 

@@ -97,11 +97,22 @@ class TeacherCache:
     resumable: shards already written (atomically) are kept.
     """
 
-    def __init__(self, root: Path, blocks: torch.Tensor, teacher_digest: str, k: int = DEFAULT_TOP_K,
-                 shard_blocks: int = SHARD_BLOCKS) -> None:
+    def __init__(
+        self,
+        root: Path,
+        blocks: torch.Tensor,
+        teacher_digest: str,
+        k: int = DEFAULT_TOP_K,
+        shard_blocks: int = SHARD_BLOCKS,
+    ) -> None:
         self.blocks, self.k, self.shard_blocks = blocks, k, shard_blocks
-        self.meta = {"format": str(FORMAT_VERSION), "blocks_sha256": blocks_digest(blocks),
-                     "teacher_sha256": teacher_digest, "k": str(k), "shard_blocks": str(shard_blocks)}
+        self.meta = {
+            "format": str(FORMAT_VERSION),
+            "blocks_sha256": blocks_digest(blocks),
+            "teacher_sha256": teacher_digest,
+            "k": str(k),
+            "shard_blocks": str(shard_blocks),
+        }
         key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
         self.folder = root / f"teacher-k{k}-{key}"
         self._open: dict[int, object] = {}
@@ -119,8 +130,9 @@ class TeacherCache:
     def complete(self) -> bool:
         return not self.missing()
 
-    def build(self, teacher: PreTrainedModel, batch_size: int = 8, progress: bool = True,
-              shards: list[int] | None = None) -> Path:
+    def build(
+        self, teacher: PreTrainedModel, batch_size: int = 8, progress: bool = True, shards: list[int] | None = None
+    ) -> Path:
         """Compute the missing shards (or those of `shards`) with `teacher`, whose weights the digest must
         describe; return the folder. In shard order, so the first training blocks are served first."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -128,9 +140,11 @@ class TeacherCache:
         device = next(teacher.parameters()).device
         todo = self.missing() if shards is None else shards
         for shard in tqdm(todo, desc="teacher cache", unit="shard", disable=not progress):
-            rows = self.blocks[shard * self.shard_blocks:(shard + 1) * self.shard_blocks]
-            parts = [teacher_targets(teacher, rows[i:i + batch_size].to(device), self.k).to("cpu")
-                     for i in range(0, len(rows), batch_size)]
+            rows = self.blocks[shard * self.shard_blocks : (shard + 1) * self.shard_blocks]
+            parts = [
+                teacher_targets(teacher, rows[i : i + batch_size].to(device), self.k).to("cpu")
+                for i in range(0, len(rows), batch_size)
+            ]
             tensors = {
                 "ids": rows.to(torch.int32).contiguous(),
                 "topk_logprobs": torch.cat([p.topk_logprobs for p in parts]).contiguous(),
@@ -148,11 +162,16 @@ class TeacherCache:
         for i in index.tolist():
             shard, row = divmod(int(i), self.shard_blocks)
             f = self._shard(shard)
-            ids = f.get_slice("ids")[row:row + 1]
+            ids = f.get_slice("ids")[row : row + 1]
             if not torch.equal(ids[0].to(torch.int64), self.blocks[i]):
                 raise CacheError(f"{self.shard_path(shard)}: row {row} holds other tokens than block {i}")
-            picked.append((f.get_slice("topk_logprobs")[row:row + 1], f.get_slice("topk_ids")[row:row + 1],
-                           f.get_slice("tail_logprob")[row:row + 1]))
+            picked.append(
+                (
+                    f.get_slice("topk_logprobs")[row : row + 1],
+                    f.get_slice("topk_ids")[row : row + 1],
+                    f.get_slice("tail_logprob")[row : row + 1],
+                )
+            )
         top, ids, tail = (torch.cat(parts) for parts in zip(*picked, strict=True))
         return TeacherTargets(top, ids.to(torch.int64), tail)
 
@@ -179,8 +198,9 @@ def cache_for(teacher_dir: Path, data_dir: Path, blocks: torch.Tensor, k: int = 
     return TeacherCache(data_dir / "teacher-cache", blocks, digest, k, shard_blocks=32)
 
 
-def general_cache(teacher_dir: Path, data_dir: Path, split: str, seq_len: int, k: int = DEFAULT_TOP_K,
-                  seed: int = 0) -> TeacherCache:
+def general_cache(
+    teacher_dir: Path, data_dir: Path, split: str, seq_len: int, k: int = DEFAULT_TOP_K, seed: int = 0
+) -> TeacherCache:
     """The cache of one general-text split's blocks (`general_text.general_blocks` order) for a teacher folder."""
     from transformers import AutoTokenizer
 
@@ -212,14 +232,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(settings.torch_threads)
     cache = general_cache(args.teacher, settings.data_dir, args.split, args.seq_len, args.k)
     todo = cache.missing()[: args.max_shards]
-    print(f"{cache.folder}: {cache.num_shards - len(cache.missing())}/{cache.num_shards} shards done, "
-          f"building {len(todo)}", flush=True)
+    print(
+        f"{cache.folder}: {cache.num_shards - len(cache.missing())}/{cache.num_shards} shards done, "
+        f"building {len(todo)}",
+        flush=True,
+    )
     if todo:
         start = time.monotonic()
         cache.build(freeze(load_model(args.teacher, device=args.device)), args.batch_size, shards=todo)
         tokens = len(todo) * cache.shard_blocks * args.seq_len
-        print(f"{len(todo)} shards ({tokens} tokens) in {time.monotonic() - start:.0f} s; "
-              f"{len(cache.missing())} to go", flush=True)
+        print(
+            f"{len(todo)} shards ({tokens} tokens) in {time.monotonic() - start:.0f} s; {len(cache.missing())} to go",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

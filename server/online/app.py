@@ -95,9 +95,15 @@ async def _start(settings: ServeSettings) -> _Running:
     folder = servable(resolve(settings.model, settings.models_dir))
     torch.set_num_threads(settings.torch_threads)
     device = selection_device(settings.selection_device)
-    loader = BankLoader(folder, settings.banks_dir, settings.default_bank, settings.selection_layers, device,
-                        required=_banks_required(settings),
-                        allow_weights_mismatch=settings.allow_bank_weights_mismatch)
+    loader = BankLoader(
+        folder,
+        settings.banks_dir,
+        settings.default_bank,
+        settings.selection_layers,
+        device,
+        required=_banks_required(settings),
+        allow_weights_mismatch=settings.allow_bank_weights_mismatch,
+    )
     bank_set = asyncio.create_task(asyncio.to_thread(loader))
     name = settings.served_model_name or folder.name
     config = EngineConfig(
@@ -121,7 +127,8 @@ async def _start(settings: ServeSettings) -> _Running:
         engine.shutdown()
         raise
     queue = SelectionQueue(
-        selection_batch_size(settings.selection_batch_size, device), settings.selection_wait_ms / 1000.0,
+        selection_batch_size(settings.selection_batch_size, device),
+        settings.selection_wait_ms / 1000.0,
         settings.selection_cache_size,
     )
     queue.start()
@@ -129,7 +136,9 @@ async def _start(settings: ServeSettings) -> _Running:
     current = banks.current
     logger.info("serving %s from %s with banks %s (default %s)", name, folder, sorted(current.banks), current.default)
     return _Running(
-        engine, queue, banks,
+        engine,
+        queue,
+        banks,
         completion=CompletionServing(engine, name, banks, queue, limits),
         chat=ChatServing(engine, name, banks, queue, limits),
         models=ModelsServing(engine, name, str(folder), banks, queue),
@@ -229,9 +238,11 @@ def create_app(settings: ServeSettings, on_fatal: Callable[[int], None] | None =
         app.add_middleware(ApiKey, key=settings.api_key.get_secret_value(), open_paths=settings.open_paths)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type"], expose_headers=["x-idp-mode", "x-idp-bank",
-                                                                          "x-idp-prompt", "x-idp-selection-ms"],
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+            expose_headers=["x-idp-mode", "x-idp-bank", "x-idp-prompt", "x-idp-selection-ms"],
         )
     app.add_middleware(metrics.HttpMetrics)  # added last, so outermost: it also counts other middleware's answers
     return app
@@ -248,8 +259,11 @@ def run(settings: ServeSettings) -> None:
         server.should_exit = True
 
     config = uvicorn.Config(
-        create_app(settings, on_fatal=on_fatal), host=settings.host, port=settings.port,
-        log_level=settings.log_level, timeout_graceful_shutdown=10,
+        create_app(settings, on_fatal=on_fatal),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
     try:

@@ -55,8 +55,10 @@ def require_banks(banks_dir: Path) -> None:
 
 def load_banks(banks_dir: Path, model: Fingerprint, allow_weights_mismatch: bool = False) -> dict[str, PromptBank]:
     """Every bank under `banks_dir`, verified against the served model (BankError names the one at fault)."""
-    return {name: load_bank(banks_dir / name, expect=model, allow_weights_mismatch=allow_weights_mismatch)
-            for name in list_banks(banks_dir)}
+    return {
+        name: load_bank(banks_dir / name, expect=model, allow_weights_mismatch=allow_weights_mismatch)
+        for name in list_banks(banks_dir)
+    }
 
 
 def choose_default_bank(requested: str | None, banks: Mapping[str, PromptBank]) -> str | None:
@@ -76,8 +78,16 @@ class BankLoader:
     longer has are removed, so a dashboard never shows a bank that is not serving.
     """
 
-    def __init__(self, folder: Path, banks_dir: Path, default_bank: str | None, layers: list[int] | None,
-                 device: str, required: bool = False, allow_weights_mismatch: bool = False) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        banks_dir: Path,
+        default_bank: str | None,
+        layers: list[int] | None,
+        device: str,
+        required: bool = False,
+        allow_weights_mismatch: bool = False,
+    ) -> None:
         """`required`: the banks directory was named explicitly, so an empty one is refused (`require_banks`);
         `allow_weights_mismatch`: load banks trained on other weights with a warning (`load_bank`)."""
         self._folder = folder

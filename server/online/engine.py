@@ -347,6 +347,13 @@ def engine_options_from_cli(argv: list[str]) -> dict[str, Any]:
 
 
 _OWNED_OPTIONS = frozenset(
-    {"model", "served_model_name", "dtype", "max_model_len", "enforce_eager", "kv_cache_memory_bytes",
-     "enable_prompt_embeds"}
+    {
+        "model",
+        "served_model_name",
+        "dtype",
+        "max_model_len",
+        "enforce_eager",
+        "kv_cache_memory_bytes",
+        "enable_prompt_embeds",
+    }
 )

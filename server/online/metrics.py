@@ -46,7 +46,8 @@ REQUESTS = Counter(
     "idp_requests", "Generation requests accepted (past validation), by endpoint and IDP mode.", ["endpoint", "mode"]
 )
 PROMPT_TOKENS = Counter(
-    "idp_prompt_tokens", "Prompt tokens of accepted requests (the caller's tokens, soft prompts excluded).",
+    "idp_prompt_tokens",
+    "Prompt tokens of accepted requests (the caller's tokens, soft prompts excluded).",
     ["endpoint"],
 )
 COMPLETION_TOKENS = Counter(
@@ -98,6 +99,7 @@ BANK_LOAD_FAILURES = Counter(
     "banks directory empty). Not labelled by bank: a failed name may not be a bank.",
 )
 
+
 def _zero_fixed_label_sets() -> None:
     """Create the label sets known before any bank loads at zero (see the module doc: 0, not absent)."""
     for endpoint in ENDPOINTS:
@@ -138,8 +140,13 @@ def bank_loaded(bank: PromptBank) -> None:
     BANK_LOADS.labels(name).inc()
     model = bank.manifest.model
     BANK.labels(name).info(
-        {"k": str(bank.k), "m": str(bank.m), "hidden_size": str(bank.hidden_size), "model_weights": model.weights,
-         "model_embedding_sha256": model.embedding_sha256}
+        {
+            "k": str(bank.k),
+            "m": str(bank.m),
+            "hidden_size": str(bank.hidden_size),
+            "model_weights": model.weights,
+            "model_embedding_sha256": model.embedding_sha256,
+        }
     )
     BANK_PROMPTS.labels(name).set(bank.k)
     for prompt in bank.prompt_names:

@@ -137,8 +137,9 @@ class SelectionQueue:
         try:
             await self._run()
         except Exception as error:  # anything that escapes _run is a bug: report it and fail every caller
-            logger.critical("the selection worker died; dynamic requests fail until the process restarts",
-                            exc_info=error)
+            logger.critical(
+                "the selection worker died; dynamic requests fail until the process restarts", exc_info=error
+            )
             self._failure = error
             unavailable = SelectionUnavailableError(f"the selection worker has died: {error!r}")
             waiting = list(self._in_pass)

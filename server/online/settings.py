@@ -30,45 +30,55 @@ class ServeSettings(Settings):
         None, description="The name clients send as `model` (default: the model folder's name)."
     )
     banks_dir: Path = Field(
-        REPO_BANKS, description="Folder of prompt banks (default: the project's prompt_banks/). When set, it must "
+        REPO_BANKS,
+        description="Folder of prompt banks (default: the project's prompt_banks/). When set, it must "
         "hold at least one bank: the server refuses to start (and a reload is refused) otherwise, unless "
         "allow_empty_banks_dir.",
     )
     allow_empty_banks_dir: bool = Field(
-        False, description="Serve even when an explicitly set banks_dir holds no bank: IDP is off until banks are "
+        False,
+        description="Serve even when an explicitly set banks_dir holds no bank: IDP is off until banks are "
         "put there and reloaded (for serving a model without banks on purpose).",
     )
     default_bank: str | None = Field(
         None, description="Bank used when a request names none (default: the first bank by name, if any)."
     )
     allow_bank_weights_mismatch: bool = Field(
-        False, description="Load a bank trained on other weights of the served model (same config and embeddings, "
-        "another weights digest) with a warning instead of refusing to start; see server.core.banks.load_bank."
+        False,
+        description="Load a bank trained on other weights of the served model (same config and embeddings, "
+        "another weights digest) with a warning instead of refusing to start; see server.core.banks.load_bank.",
     )
     selection_layers: list[int] | None = Field(
-        None, description="Decoder layers whose attention scores prompts, for every bank (default: each bank's "
-        "calibrated `selection_layers` from its manifest, else all layers, the paper's choice)."
+        None,
+        description="Decoder layers whose attention scores prompts, for every bank (default: each bank's "
+        "calibrated `selection_layers` from its manifest, else all layers, the paper's choice).",
     )
     selection_device: str = Field(
-        "auto", description="torch device of the selection pass: auto (the GPU when torch sees one, else cpu), "
+        "auto",
+        description="torch device of the selection pass: auto (the GPU when torch sees one, else cpu), "
         "cpu, cuda, cuda:1, ...",
     )
     selection_batch_size: int | None = Field(
-        None, ge=1, description="Most inputs scored in one selection pass (default: 1 when the pass runs on CPU, "
+        None,
+        ge=1,
+        description="Most inputs scored in one selection pass (default: 1 when the pass runs on CPU, "
         "where batching saves little and delays the engine; 16 on a GPU).",
     )
     selection_wait_ms: float = Field(
         2.0, ge=0, description="How long a selection pass waits for more requests to join its batch."
     )
     selection_cache_size: int = Field(
-        4096, ge=0, description="Selections remembered for inputs seen before (LRU entries, under 1 KB each; "
+        4096,
+        ge=0,
+        description="Selections remembered for inputs seen before (LRU entries, under 1 KB each; "
         "0: off). An input repeated exactly skips the selection pass, as vLLM's prefix cache skips its prefill.",
     )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
-        None, description="vLLM compute dtype (default: the model card's serve_dtype, else float32, the safe "
-        "choice on AVX2 CPUs without bf16 units; vLLM's CPU 4-bit kernels need bfloat16)."
+        None,
+        description="vLLM compute dtype (default: the model card's serve_dtype, else float32, the safe "
+        "choice on AVX2 CPUs without bf16 units; vLLM's CPU 4-bit kernels need bfloat16).",
     )
     max_model_len: int | None = Field(None, ge=1, description="Context length (default: the model's).")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size in GiB given to vLLM.")
@@ -77,14 +87,16 @@ class ServeSettings(Settings):
         default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs fields), passed through."
     )
     pin_frontend: bool = Field(
-        True, description="On CPU hosts, keep the server's own threads (HTTP, tokenizing, selection) off the cores "
+        True,
+        description="On CPU hosts, keep the server's own threads (HTTP, tokenizing, selection) off the cores "
         "vLLM pins its workers to (see server/online/cpus.py); no effect when vLLM pins nothing (GPU).",
     )
     log_level: str = Field("info", description="uvicorn log level.")
 
     api_key: SecretStr | None = Field(
-        None, description="Require `Authorization: Bearer <key>` on every path but `open_paths` (default: no key). "
-        "A SecretStr, so settings' repr and logs never show it."
+        None,
+        description="Require `Authorization: Bearer <key>` on every path but `open_paths` (default: no key). "
+        "A SecretStr, so settings' repr and logs never show it.",
     )
     open_paths: list[str] = Field(
         ["/health", "/metrics"], description="Paths served without the API key (probes and Prometheus scrapes)."
@@ -99,7 +111,9 @@ class ServeSettings(Settings):
         None, ge=1, description="Largest max_tokens accepted (default: whatever the context leaves)."
     )
     engine_death_exit_s: float = Field(
-        5.0, ge=0, description="After the engine or the selection worker dies, how long /health answers 503 (and "
+        5.0,
+        ge=0,
+        description="After the engine or the selection worker dies, how long /health answers 503 (and "
         "in-flight requests get their error) before the server exits (status 3: engine, 4: selection worker) for "
-        "its supervisor to restart it."
+        "its supervisor to restart it.",
     )

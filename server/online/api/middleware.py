@@ -54,7 +54,8 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = ApiError(
             f"request body exceeds the server's limit of {self.max_bytes} bytes",
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, code="body_too_large",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            code="body_too_large",
         )
         await error.response()(scope, receive, send)
 
@@ -96,7 +97,8 @@ class ApiKey:
             return
         error = ApiError(
             "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-            HTTPStatus.UNAUTHORIZED, code="invalid_api_key",
+            HTTPStatus.UNAUTHORIZED,
+            code="invalid_api_key",
         )
         response = error.response()
         response.headers["www-authenticate"] = "Bearer"

@@ -74,7 +74,8 @@ class IdpInfo(BaseModel):
     scores: dict[str, float] | None = Field(None, description="Selection score of every prompt of the bank.")
     margin: float | None = Field(None, description="Best score minus the second best.")
     selection_ms: float | None = Field(
-        None, description="Wall time of the selection pass this input was in; 0 when the selection of an identical "
+        None,
+        description="Wall time of the selection pass this input was in; 0 when the selection of an identical "
         "earlier input was reused (the selection cache).",
     )
 

@@ -33,8 +33,10 @@ IDP_HEADERS = {
     "x-idp-mode": {"description": "IDP mode per input, comma-separated in input order.", "schema": {"type": "string"}},
     "x-idp-bank": {"description": "Bank per input ('-' for none).", "schema": {"type": "string"}},
     "x-idp-prompt": {"description": "Chosen soft prompt per input ('-' for none).", "schema": {"type": "string"}},
-    "x-idp-selection-ms": {"description": "Selection pass time per input ('-' unless dynamic).",
-                           "schema": {"type": "string"}},
+    "x-idp-selection-ms": {
+        "description": "Selection pass time per input ('-' unless dynamic).",
+        "schema": {"type": "string"},
+    },
 }
 GENERATE_RESPONSES = {**ERRORS, 200: {"headers": IDP_HEADERS}}
 
@@ -91,9 +93,14 @@ async def health(service: Models) -> Response:
     return Response(status_code=200)
 
 
-@router.post("/admin/banks/reload", response_model=ModelIdp, responses={
-    **ERRORS, 409: {"model": ErrorResponse, "description": "A bank failed to load; the previous banks keep serving."}
-})
+@router.post(
+    "/admin/banks/reload",
+    response_model=ModelIdp,
+    responses={
+        **ERRORS,
+        409: {"model": ErrorResponse, "description": "A bank failed to load; the previous banks keep serving."},
+    },
+)
 async def reload_banks(service: Models) -> ModelIdp:
     """Load the banks directory again and swap the whole set in atomically (requests see old or new, never a
     mix); behind the API key when one is set."""

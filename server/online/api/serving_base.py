@@ -137,7 +137,8 @@ class ServingBase:
         mode = idp.mode or ("forced" if idp.prompt else "dynamic" if bank_name else "none")
         if idp.bank is not None and idp.bank not in bank_set.banks:
             raise invalid(
-                f"unknown bank '{idp.bank}'; available: {sorted(bank_set.banks)}", param="idp.bank",
+                f"unknown bank '{idp.bank}'; available: {sorted(bank_set.banks)}",
+                param="idp.bank",
                 code="bank_not_found",
             )
         if mode == "none":
@@ -156,7 +157,8 @@ class ServingBase:
         if idp.prompt not in bank.prompt_names:
             raise invalid(
                 f"unknown prompt '{idp.prompt}' in bank '{bank.name}'; available: {list(bank.prompt_names)}",
-                param="idp.prompt", code="prompt_not_found",
+                param="idp.prompt",
+                code="prompt_not_found",
             )
         return IdpPlan("forced", bank, forced=bank.index(idp.prompt))
 
@@ -187,8 +189,11 @@ class ServingBase:
         inputs = []
         for (ids, text), chosen in zip(prompts, selections, strict=True):
             info = IdpInfo(
-                mode="dynamic", bank=plan.bank.name, prompt=names[chosen.index],
-                scores=dict(zip(names, chosen.scores, strict=True)), margin=chosen.margin,
+                mode="dynamic",
+                bank=plan.bank.name,
+                prompt=names[chosen.index],
+                scores=dict(zip(names, chosen.scores, strict=True)),
+                margin=chosen.margin,
                 selection_ms=chosen.seconds * 1000.0,
             )
             inputs.append(Input(ids, text, Prefix(plan.bank, chosen.index), info))

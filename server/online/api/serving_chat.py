@@ -62,14 +62,18 @@ class ChatServing(ServingBase):
         (final,) = await collect(outputs, 1)
         choices = [
             ChatChoice(
-                index=delta.index, message=AssistantMessage(content=delta.text),
-                logprobs=_chat_logprobs(delta, request.top_logprobs or 0), finish_reason=delta.finish_reason,
+                index=delta.index,
+                message=AssistantMessage(content=delta.text),
+                logprobs=_chat_logprobs(delta, request.top_logprobs or 0),
+                finish_reason=delta.finish_reason,
                 idp=inputs[0].idp,
             )
             for delta in sorted(final.choices, key=lambda c: c.index)
         ]
         response = ChatCompletionResponse(
-            id=request_id, model=self.model_name, choices=choices,
+            id=request_id,
+            model=self.model_name,
+            choices=choices,
             usage=usage(max_tokens, inputs, [generated_tokens(final)]),
         )
         return Served(response, idp_headers(inputs))
@@ -105,7 +109,9 @@ class ChatServing(ServingBase):
                     continue
                 logprobs = _chat_logprobs(delta, request.top_logprobs or 0) if request.logprobs else None
                 choice = ChatStreamChoice(
-                    index=delta.index, delta=ChatDelta(content=delta.text), logprobs=logprobs,
+                    index=delta.index,
+                    delta=ChatDelta(content=delta.text),
+                    logprobs=logprobs,
                     finish_reason=delta.finish_reason,
                 )
                 yield chunk([choice])

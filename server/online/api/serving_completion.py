@@ -64,16 +64,17 @@ class CompletionServing(ServingBase):
         if len(prompt) > self.limits.max_prompts:
             raise invalid(
                 f"{len(prompt)} prompts in one request; this server accepts at most {self.limits.max_prompts}",
-                param="prompt", code="too_many_prompts",
+                param="prompt",
+                code="too_many_prompts",
             )
         for i, ids in enumerate(p for p in prompt if not isinstance(p, str)):
             bad = next((t for t in ids if t >= self.engine.vocab_size), None)
             if bad is not None:
-                raise invalid(f"prompt {i}: token id {bad} is out of range [0, {self.engine.vocab_size})",
-                              param="prompt")
+                raise invalid(
+                    f"prompt {i}: token id {bad} is out of range [0, {self.engine.vocab_size})", param="prompt"
+                )
         return [
-            (self.tokenizer.encode(p), p) if isinstance(p, str) else (list(p), self.tokenizer.decode(p))
-            for p in prompt
+            (self.tokenizer.encode(p), p) if isinstance(p, str) else (list(p), self.tokenizer.decode(p)) for p in prompt
         ]
 
     def _response(
@@ -85,8 +86,11 @@ class CompletionServing(ServingBase):
                 text, logprobs = self._content(request, item, delta, final.prompt_logprobs, True, 0)
                 choices.append(
                     CompletionChoice(
-                        index=i * request.n + delta.index, text=text, logprobs=logprobs,
-                        finish_reason=delta.finish_reason, idp=item.idp,
+                        index=i * request.n + delta.index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=delta.finish_reason,
+                        idp=item.idp,
                     )
                 )
         counts = [generated_tokens(final) for final in finals]
@@ -164,7 +168,10 @@ class CompletionServing(ServingBase):
                 else:
                     offsets.setdefault(index, 0)
                 choice = CompletionChoice(
-                    index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                    index=index,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=delta.finish_reason,
                     idp=inputs[i].idp if first else None,
                 )
                 yield CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[choice])

@@ -58,7 +58,8 @@ class ModelsServing:
             fresh = await self.banks.reload()
         except BankError as error:
             raise ApiError(
-                f"bank reload refused, the previous banks keep serving: {error}", HTTPStatus.CONFLICT,
+                f"bank reload refused, the previous banks keep serving: {error}",
+                HTTPStatus.CONFLICT,
                 code="bank_reload_refused",
             ) from error
         except Exception as error:
