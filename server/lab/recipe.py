@@ -150,9 +150,14 @@ class RunFolder:
     def load(self) -> tuple[RunState, dict[str, torch.Tensor]] | None:
         if not (self.folder / "state.json").exists():
             return None
-        return RunState(**json.loads((self.folder / "state.json").read_text())), load_file(
-            self.folder / "state.safetensors"
-        )
+        state = RunState(**json.loads((self.folder / "state.json").read_text()))
+        tensors = load_file(self.folder / "state.safetensors")
+        if int(tensors["adam_step"].item()) != state.step:  # a copy taken between the two writes
+            raise ValueError(
+                f"{self.folder}: state.safetensors is at step {int(tensors['adam_step'].item())}, "
+                f"state.json at {state.step}; restore both from the same save"
+            )
+        return state, tensors
 
     def save(self, state: RunState, tensors: dict[str, torch.Tensor], log: list[dict]) -> None:
         """Append the log lines, then write the state (tensors first, then the JSON that points past them)."""
