@@ -79,20 +79,6 @@ def load_inputs(count: int = 48) -> list[str]:
     return pool[:: max(1, len(pool) // count)][:count]
 
 
-def offline_selection(model: Path, bank_folder: Path, inputs: Sequence[str]) -> dict[str, str]:
-    """Input -> the prompt name `CachedSelector` picks for it: what the server must report in dynamic mode."""
-    from transformers import AutoTokenizer
-
-    from server.core.banks import load_bank
-    from server.core.selection import CachedSelector, load_selection_model
-
-    bank = load_bank(bank_folder)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    selector = CachedSelector(load_selection_model(model), bank.embeddings)
-    chosen = selector.select([tokenizer.encode(text) for text in inputs])
-    return {text: bank.prompt_names[c.index] for text, c in zip(inputs, chosen, strict=True)}
-
-
 @dataclass
 class LoadReport:
     """What a run did and found; `ok` is the verdict."""
@@ -384,13 +370,16 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from server.core.banks import bank_dir
+    from server.core.banks import bank_dir, load_bank
+    from server.core.selection import offline_choices
 
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     card = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=30).json()["data"][0]
     bank = args.bank or card["idp"]["default_bank"]
     prompts = next(b["prompts"] for b in card["idp"]["banks"] if b["name"] == bank)
-    expected = offline_selection(args.model, bank_dir(args.banks_dir, bank), load_inputs())
+    inputs, served_bank = load_inputs(), load_bank(bank_dir(args.banks_dir, bank))
+    choices = offline_choices(args.model, served_bank.embeddings, served_bank.prompt_names, inputs)
+    expected = dict(zip(inputs, choices, strict=True))
     report = asyncio.run(
         run_load(
             args.url,

@@ -284,17 +284,12 @@ def idp(choice: Any) -> dict[str, Any]:
 
 
 def offline_selection(model: Path, bank_folder: Path, inputs: Sequence[str]) -> dict[str, str]:
-    """Input -> the prompt name `CachedSelector` picks for it: what the server must report in dynamic mode."""
-    from transformers import AutoTokenizer
-
+    """Input -> the prompt name the served selection picks for it (see `server.core.selection.offline_choices`)."""
     from server.core.banks import load_bank
-    from server.core.selection import CachedSelector, load_selection_model
+    from server.core.selection import offline_choices
 
     bank = load_bank(bank_folder)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    selector = CachedSelector(load_selection_model(model), bank.embeddings)
-    chosen = selector.select([tokenizer.encode(text) for text in inputs])
-    return {text: bank.prompt_names[c.index] for text, c in zip(inputs, chosen, strict=True)}
+    return dict(zip(inputs, offline_choices(model, bank.embeddings, bank.prompt_names, inputs), strict=True))
 
 
 if __name__ == "__main__":

@@ -386,3 +386,17 @@ def _input_mask(prompt_tokens: int, n: int) -> torch.Tensor:
     causal = torch.ones(n, n, dtype=torch.bool).triu(1)
     blocked = torch.cat([torch.zeros(n, prompt_tokens, dtype=torch.bool), causal], dim=1)
     return torch.zeros(blocked.shape).masked_fill(blocked, torch.finfo(torch.float32).min)
+
+
+def offline_choices(model: Path, prompts: torch.Tensor, names: Sequence[str], texts: Sequence[str]) -> list[str]:
+    """The prompt name the served selection picks for each text (the model folder's own tokenizer, all layers).
+
+    What a server with this model and bank must report in dynamic mode: load tests and reliability tests check
+    live answers against it, computed in a separate model instance so a shared bug cannot agree with itself.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    selector = CachedSelector(load_selection_model(model), prompts)
+    chosen = selector.select([tokenizer.encode(text) for text in texts])
+    return [names[c.index] for c in chosen]
