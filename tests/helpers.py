@@ -304,3 +304,24 @@ def varied_inputs(count: int) -> list[str]:
     if count > len(pool):
         raise ValueError(f"at most {len(pool)} varied inputs, {count} asked")
     return pool[:count]
+
+
+def micro_llama(vocab_size: int, seed: int, initializer_range: float = 0.02):
+    """A random 2-layer Llama of width 32 for pure-math tests (losses, caches, registries): seconds to build and run.
+
+    `initializer_range` above the default gives peaked next-token distributions, like a trained model's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=initializer_range,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client import REGISTRY
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from server import cli
 from server.core.banks import BankError, PromptBank, make_bank, save_bank
@@ -19,22 +18,13 @@ from server.core.identity import fingerprint
 from server.online.app import create_app
 from server.online.bank_registry import BankLoader
 from server.online.settings import ServeSettings
+from tests.helpers import micro_llama
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("registry") / "tiny-registry-model"
-    LlamaForCausalLM(config).save_pretrained(folder)
+    micro_llama(64, seed=0).save_pretrained(folder)
     return folder
 
 

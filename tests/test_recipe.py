@@ -9,28 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from server.lab.loading import freeze
 from server.lab.recipe import LiveTeacher, RecipeSpec, RunFolder, dev_kl, sampled_init, stream_index, train_prompt
+from tests.helpers import micro_llama
 
 VOCAB = 64
 
 
 def tiny(seed: int, noise: float = 0.0) -> LlamaForCausalLM:
-    """A random tiny Llama; `noise` perturbs every weight (a stand-in for compression)."""
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.3,
-    )  # peaked next-token distributions, unlike the default 0.02
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    """A random tiny Llama with peaked next-token distributions; `noise` perturbs every weight (a stand-in for
+    compression)."""
+    model = micro_llama(VOCAB, seed, initializer_range=0.3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(noise * p.std() * torch.randn_like(p))

@@ -7,25 +7,16 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from server.lab.teacher_cache import CacheError, TeacherCache, kd_loss, teacher_targets
+from tests.helpers import micro_llama
 
 VOCAB = 96
 
 
 def tiny(seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return micro_llama(VOCAB, seed)
 
 
 @pytest.fixture(scope="module")
