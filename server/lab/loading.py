@@ -8,18 +8,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from server.core.device import resolve_device
+
 
 def torch_device(setting: str) -> torch.device:
-    """The device of an offline run: `auto` is the GPU when torch sees one, else the CPU.
-
-    An explicit device torch cannot use here is refused before anything loads, naming the setting."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=setting)
-    except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"device {setting!r} is not usable here: {error}") from error
-    return torch.device(setting)
+    """The device of an offline run (see `server.core.device.resolve_device`), refused before anything loads."""
+    return torch.device(resolve_device(setting))
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:

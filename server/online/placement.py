@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from server.core.device import resolve_device
 from server.online import cpus
 
 logger = logging.getLogger(__name__)
@@ -21,16 +22,9 @@ GPU_SELECTION_BATCH = 16
 
 
 def selection_device(setting: str) -> str:
-    """The torch device of the selection pass: `auto` is the GPU when torch sees one (vLLM's GPU build), else CPU.
-
-    An explicit device torch cannot use is refused here, at start-up, rather than on the first request."""
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.empty(0, device=setting)
-    except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"selection_device {setting!r} is not usable here: {error}") from error
-    return setting
+    """The torch device of the selection pass (see `server.core.device.resolve_device`), refused at start-up
+    rather than on the first request."""
+    return resolve_device(setting, "selection_device")
 
 
 def selection_batch_size(setting: int | None, device: str) -> int:
