@@ -49,7 +49,7 @@ from server.online.api.serving_completion import CompletionServing
 from server.online.api.serving_models import ModelsServing
 from server.online.bank_registry import BankLoader, BankRegistry, require_banks
 from server.online.engine import Engine, EngineConfig
-from server.online.placement import pin_frontend, selection_batch_size, selection_device
+from server.online.placement import pin_frontend, selection_batch_size, selection_device, selection_threads
 from server.online.selection_queue import SelectionQueue
 from server.online.settings import ServeSettings
 
@@ -126,10 +126,19 @@ async def _start(settings: ServeSettings) -> _Running:
     except BaseException:
         engine.shutdown()
         raise
+    threads = selection_threads(
+        settings.selection_idle_threads,
+        settings.torch_threads,
+        device,
+        engine.unfinished_requests,
+        engine.worker_cpus,
+        settings.pin_frontend,
+    )
     queue = SelectionQueue(
         selection_batch_size(settings.selection_batch_size, device),
         settings.selection_wait_ms / 1000.0,
         settings.selection_cache_size,
+        threads,
     )
     queue.start()
     limits = Limits(settings.max_prompts, settings.max_n, settings.max_tokens_limit)

@@ -73,6 +73,15 @@ def pin_process(cpus: Iterable[int], pid: int | None = None) -> Callable[[], Non
     return undo
 
 
+def pin_thread(cpus: Iterable[int]) -> None:
+    """Run the calling thread, and the threads it starts from now on, on `cpus` (Linux affinity is per thread).
+
+    The selection worker widens itself onto vLLM's worker cores while the engine is idle and narrows back when it
+    is busy (server/online/placement.py `ThreadSwitch`); no other thread of the process moves.
+    """
+    os.sched_setaffinity(0, frozenset(cpus))
+
+
 def frontend_cpus(worker_cpus: frozenset[int]) -> frozenset[int]:
     """Our CPUs minus the workers' ones; empty when the workers hold them all (then nothing should move)."""
     return own_cpus() - worker_cpus

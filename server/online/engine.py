@@ -188,6 +188,13 @@ class Engine:
         """True once the engine core has died (it is not restarted in-process)."""
         return self._llm.errored
 
+    def unfinished_requests(self) -> int:
+        """Requests vLLM holds now, running or waiting to run: its frontend's own count (`AsyncLLM.
+        get_num_unfinished_requests`), which grows when a request is added and shrinks when it finishes or is
+        aborted. Unlike the scheduler's running/waiting gauges it needs no stats logging and never lags an
+        engine step, so 0 means the worker cores have nothing to do now (read on the event loop)."""
+        return self._llm.get_num_unfinished_requests()
+
     @property
     def async_llm(self) -> AsyncLLM:
         """The raw vLLM engine, for tests only (see the module doc); serving code goes through the methods here."""

@@ -15,6 +15,10 @@ this a dead worker would leave every dynamic request waiting forever behind a he
 Callers hand in the selector itself, not a bank name: a bank reload swaps the serving's whole bank set, and an
 input queued before the swap must still be scored by the selector of the bank its request planned with.
 
+How many threads a pass gets is `threads`' call (server/online/placement.py `ThreadSwitch`): read on the event
+loop when the pass starts (every CPU while vLLM holds no request, one thread off its workers otherwise) and
+applied inside the worker thread, which the pass owns while it runs.
+
 Selections are remembered (an LRU of `cache_size` entries, keyed by selector and a digest of the token ids), as
 vLLM's prefix cache remembers prefills: an input seen before (a client's retry, an evaluation rerun, the same
 input twice in one batch) skips the pass. A remembered selection reports 0 seconds, the time this request spent
@@ -32,10 +36,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Protocol
 
 from server.core.selection import Selection
 from server.online import metrics
+from server.online.placement import ThreadSwitch
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +73,9 @@ class _Pending:
 class SelectionQueue:
     """Select prompts for many inputs, batched across callers; `start` and `stop` belong to the app lifespan."""
 
-    def __init__(self, max_batch: int, wait_s: float, cache_size: int = 0) -> None:
+    def __init__(self, max_batch: int, wait_s: float, cache_size: int = 0, threads: ThreadSwitch | None = None) -> None:
         self._max_batch = max_batch
+        self._threads = threads
         self._wait_s = wait_s
         self._cache_size = cache_size
         self._cache: OrderedDict[_Key, Selection] = OrderedDict()
@@ -176,10 +183,12 @@ class SelectionQueue:
             return
         distinct = list({item.key: item for item in items}.values())
         loop = asyncio.get_running_loop()
+        batch = [item.token_ids for item in distinct]
+        work = partial(items[0].selector.select, batch)
+        if self._threads is not None:
+            work = partial(self._threads.run, self._threads.for_next_pass(), work)
         try:
-            results = await loop.run_in_executor(
-                self._executor, items[0].selector.select, [item.token_ids for item in distinct]
-            )
+            results = await loop.run_in_executor(self._executor, work)
         except Exception as error:  # noqa: BLE001 - isolate the culprit below
             if len(distinct) == 1:
                 for item in items:

@@ -73,6 +73,13 @@ class ServeSettings(Settings):
         description="Selections remembered for inputs seen before (LRU entries, under 1 KB each; "
         "0: off). An input repeated exactly skips the selection pass, as vLLM's prefix cache skips its prefill.",
     )
+    selection_idle_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of a CPU selection pass that starts while vLLM holds no request, on every "
+        "core, vLLM's idle worker cores included (default: one per CPU the server may use; 1: off, every pass "
+        "runs on torch_threads off the worker cores, as it does whenever vLLM holds a request).",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(

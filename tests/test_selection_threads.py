@@ -1,0 +1,147 @@
+"""The selection pass's threads follow the engine's load, and the choice never depends on them.
+
+A selection pass that starts while vLLM holds no request gets every CPU (vLLM's idle worker cores included);
+one that starts while vLLM holds any request gets one thread off the worker cores (server/online/placement.py
+`ThreadSwitch`). The engine is a fake counter here: the switching is the queue's and the placement's logic, not
+vLLM's. The pass itself is exact whatever the thread count: the reference tests' tolerance holds at 1, 2 and 4
+threads, and the chosen prompt is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+
+from server.core.selection import CachedSelector, ReferenceSelector, Selection, prepare_selection_model
+from server.online import cpus
+from server.online.placement import PassThreads, ThreadSwitch, selection_threads
+from server.online.selection_queue import SelectionQueue
+from tests.helpers import micro_llama
+
+ATOL = 1e-5
+"""The reference tests' tolerance (tests/test_selection.py)."""
+EVERY = cpus.own_cpus()
+needs_two_cpus = pytest.mark.skipif(len(EVERY) < 2, reason="switching needs a host with two CPUs or more")
+
+
+class FakeEngine:
+    """Stands in for `Engine.unfinished_requests`: the requests vLLM holds, set by the test."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def unfinished_requests(self) -> int:
+        return self.requests
+
+
+class Recording:
+    """A selector that records, inside the selection worker, the torch threads and CPUs its pass ran on."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, frozenset[int]]] = []
+
+    def select(self, batch: Sequence[Sequence[int]]) -> list[Selection]:
+        self.seen.append((torch.get_num_threads(), frozenset(os.sched_getaffinity(0))))
+        return [Selection(index=0, scores=(1.0,), margin=0.0, seconds=0.0) for _ in batch]
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[None]:
+    """Put torch's process-wide thread count back after a test that switches it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run_passes(switch: ThreadSwitch, engine: FakeEngine, loads: list[int]) -> list[tuple[int, frozenset[int]]]:
+    """One pass per entry of `loads`, each started with that many requests in the fake engine."""
+    selector = Recording()
+
+    async def main() -> None:
+        queue = SelectionQueue(max_batch=1, wait_s=0.0, threads=switch)
+        queue.start()
+        try:
+            for step, requests in enumerate(loads):
+                engine.requests = requests
+                await queue.select(selector, [[step]])
+        finally:
+            await queue.stop()
+
+    asyncio.run(main())
+    return selector.seen
+
+
+@needs_two_cpus
+def test_a_pass_uses_every_cpu_while_the_engine_is_idle_and_one_thread_off_its_workers_while_busy(
+    torch_threads: None,
+) -> None:
+    engine = FakeEngine()
+    workers = frozenset({min(EVERY)})
+    switch = selection_threads(None, 1, "cpu", engine.unfinished_requests, workers, pin_frontend=True)
+    assert switch is not None
+    idle, busy = (len(EVERY), EVERY), (1, EVERY - workers)
+    assert run_passes(switch, engine, [0, 3, 0, 1, 1]) == [idle, busy, idle, busy, busy]
+
+
+@needs_two_cpus
+def test_after_a_wide_pass_the_worker_and_torch_are_back_on_the_busy_setting(torch_threads: None) -> None:
+    engine = FakeEngine()
+    switch = selection_threads(2, 1, "cpu", engine.unfinished_requests, frozenset({min(EVERY)}), pin_frontend=True)
+    assert switch is not None
+    result = switch.run(switch.for_next_pass(), lambda: (torch.get_num_threads(), os.sched_getaffinity(0)))
+    assert result == (2, EVERY)
+    assert torch.get_num_threads() == 1, "torch's thread count is process-wide: other torch work must not keep 2"
+    assert frozenset(os.sched_getaffinity(0)) == switch.busy.cpus
+    switch.busy.apply()  # the test ran the pass in its own thread: give it back every CPU
+    cpus.pin_thread(EVERY)
+
+
+@needs_two_cpus
+def test_unpinned_frontend_keeps_every_cpu_when_busy_too(torch_threads: None) -> None:
+    engine = FakeEngine()
+    switch = selection_threads(None, 1, "cpu", engine.unfinished_requests, frozenset({0}), pin_frontend=False)
+    assert switch is not None and switch.busy == PassThreads(1, EVERY) and switch.idle == PassThreads(len(EVERY), EVERY)
+
+
+def test_switching_is_off_when_set_to_one_thread_on_an_accelerator_or_when_nothing_would_change() -> None:
+    def requests() -> int:
+        return 0
+
+    assert selection_threads(1, 1, "cpu", requests, frozenset(), pin_frontend=True) is None
+    assert selection_threads(None, 1, "cuda", requests, frozenset(), pin_frontend=True) is None
+    single = len(EVERY)
+    assert selection_threads(single, single, "cpu", requests, frozenset(), pin_frontend=False) is None
+
+
+def test_without_a_switch_the_queue_leaves_the_threads_alone(torch_threads: None) -> None:
+    torch.set_num_threads(1)
+    selector = Recording()
+
+    async def main() -> None:
+        queue = SelectionQueue(max_batch=1, wait_s=0.0)
+        queue.start()
+        try:
+            await queue.select(selector, [[1]])
+        finally:
+            await queue.stop()
+
+    asyncio.run(main())
+    assert [count for count, _ in selector.seen] == [1]
+
+
+def test_scores_equal_the_reference_and_the_choice_is_the_same_at_any_thread_count(torch_threads: None) -> None:
+    model = prepare_selection_model(micro_llama(vocab_size=256, seed=0, initializer_range=0.2))
+    prompts = torch.randn(4, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(4)
+    batch = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (5, 40, 100)]
+    torch.set_num_threads(1)
+    reference = ReferenceSelector(model, prompts).scores(batch)
+    cached = CachedSelector(model, prompts)
+    for threads in (1, 2, 4):
+        torch.set_num_threads(threads)
+        torch.testing.assert_close(cached.scores(batch), reference, atol=ATOL, rtol=0, msg=f"{threads} threads")
+        assert [s.index for s in cached.select(batch)] == reference.argmax(1).tolist(), f"{threads} threads"
