@@ -21,6 +21,7 @@ from server.core.banks import (
     TENSOR_FILE,
     BankError,
     PromptBank,
+    SelectionRule,
     bank_dir,
     list_banks,
     load_bank,
@@ -465,3 +466,61 @@ def test_bank_for_the_real_model(models: dict[str, Path], tmp_path: Path) -> Non
     folder = save_bank(bank, tmp_path / "smol")
     assert torch.equal(load_bank(folder, expect=real).embeddings, bank.embeddings)
     refused(folder, "field 'model.hidden_size': bank has 576, model has 64", expect=fingerprint(models["a"]))
+
+
+# --- the selection rule ----------------------------------------------------------------------------------------
+
+
+def test_a_selection_rule_round_trips_through_the_manifest(bank: PromptBank, fp: Fingerprint, tmp_path: Path) -> None:
+    rule = SelectionRule(score="mass_no_sink", layers=(1, 0), centre=(0.1, -0.2, 0.0), source="routing study")
+    ruled = make_bank("ruled", bank.embeddings, bank.prompt_names, fp, selection=rule)
+    loaded = load_bank(save_bank(ruled, tmp_path / "ruled"), expect=fp)
+    assert loaded.selection_rule == rule
+    assert loaded.selection_rule.layers == (0, 1) and loaded.selection_layers == [0, 1]
+    assert json.loads((tmp_path / "ruled" / MANIFEST_FILE).read_text())["selection"]["score"] == "mass_no_sink"
+
+
+def test_a_bank_without_a_rule_selects_by_the_papers_mass_on_all_layers(bank: PromptBank) -> None:
+    assert bank.selection_rule == SelectionRule(score="mass", layers=None, centre=None)
+    assert bank.selection_layers is None
+
+
+def test_an_older_manifest_means_mass_on_its_calibrated_layers(saved: Path) -> None:
+    """Manifests written before rules existed name only `trained.selection_layers`; they keep selecting as before."""
+    data = json.loads((saved / MANIFEST_FILE).read_text())
+    data.pop("selection")
+    data["trained"]["selection_layers"] = [1]
+    (saved / MANIFEST_FILE).write_text(json.dumps(data))
+    assert load_bank(saved).selection_rule == SelectionRule(score="mass", layers=(1,))
+
+
+@pytest.mark.parametrize(
+    ("selection", "fragments"),
+    [
+        ({"score": "entropy"}, ["field 'selection.score'", "mass_no_sink"]),
+        ({"layers": [-1]}, ["field 'selection.layers'", ">= 0"]),
+        ({"layers": []}, ["field 'selection.layers'"]),
+        ({"centre": [0.1, 0.2]}, ["field 'selection.centre' has 2 values but field 'k' is 3"]),
+        ({"centre": [0.1, "nan", 0.0]}, ["field 'selection.centre'", "finite"]),
+        ({"weights": [1, 2]}, ["field 'selection.weights'"]),
+    ],
+)
+def test_a_bad_selection_rule_is_refused_naming_the_field(saved: Path, selection: dict, fragments: list[str]) -> None:
+    path = edit_manifest(saved, selection=selection)
+    refused(saved, str(path), *fragments)
+
+
+def test_a_rule_with_a_layer_the_served_model_lacks_is_refused_at_load(
+    bank: PromptBank, fp: Fingerprint, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The manifest cannot know the model's depth; the server refuses the bank when it builds the selector."""
+    from server.online.bank_registry import BankLoader
+
+    save_bank(
+        make_bank("deep", bank.embeddings, bank.prompt_names, fp, selection=SelectionRule(layers=(2,))),
+        tmp_path / "deep",
+    )
+    with pytest.raises(BankError) as info:
+        BankLoader(models["a"], tmp_path, None, None, "cpu", allow_weights_mismatch=True)()
+    for fragment in (str(tmp_path / "deep" / MANIFEST_FILE), "field 'selection.layers'", "0..1"):
+        assert fragment in str(info.value)

@@ -22,11 +22,14 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from server.core.banks import SelectionRule, make_bank
+from server.core.identity import Fingerprint
 from server.core.selection import (
     QUERY_BLOCK,
     CachedSelector,
     ReferenceSelector,
     Selection,
+    bank_selector,
     load_selection_model,
     prepare_selection_model,
 )
@@ -271,3 +274,88 @@ def test_cached_selector_equals_reference_on_smollm2(base_model: Path):
         CachedSelector(model, prompts, layers=[3, 17]).select(batch),
         ReferenceSelector(model, prompts, layers=[3, 17]).select(batch),
     )
+    rule = SelectionRule(score="mass_no_sink", layers=(20, 21, 22), centre=(0.01, 0.0, -0.01, 0.0))
+    assert_same_selection(
+        CachedSelector(model, prompts, rule=rule).select(batch),
+        ReferenceSelector(model, prompts, rule=rule).select(batch),
+    )
+
+
+# --- selection rules (server.core.banks.SelectionRule): the served selector equals the reference for each ------
+
+RULES = {
+    "mass": SelectionRule(),
+    "mass-no-sink": SelectionRule(score="mass_no_sink"),
+    "mass-centred": SelectionRule(centre=(0.05, -0.02, 0.0, 0.01)),
+    "no-sink-layer-subset": SelectionRule(score="mass_no_sink", layers=(0, 2)),
+    "no-sink-centred-one-layer": SelectionRule(score="mass_no_sink", layers=(1,), centre=(0.0, 0.1, -0.1, 0.02)),
+}
+
+
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES.keys())
+def test_cached_selector_equals_reference_for_every_rule(model, rule):
+    prompts, batch = bank(4, 4), requests((3, 17, QUERY_BLOCK + 9))
+    want = ReferenceSelector(model, prompts, rule=rule).select(batch)
+    assert_same_selection(CachedSelector(model, prompts, rule=rule).select(batch), want)
+    for got in CachedSelector(model, prompts, rule=rule).select(batch):
+        ranked = sorted(got.scores, reverse=True)
+        assert got.margin == pytest.approx(ranked[0] - ranked[1]), "margin of the final (centred) scores"
+
+
+def test_leaving_out_the_sink_lowers_every_score_by_the_first_tokens_mass(model):
+    prompts, batch = bank(4, 4), requests()
+    mass = CachedSelector(model, prompts).scores(batch)
+    no_sink = CachedSelector(model, prompts, rule=SelectionRule(score="mass_no_sink")).scores(batch)
+    assert (no_sink < mass).all() and (no_sink > 0).all()
+
+
+def test_a_centre_is_subtracted_from_the_scores_before_the_choice(model):
+    prompts, batch = bank(4, 4), requests()
+    plain = CachedSelector(model, prompts).scores(batch)
+    centre = plain.mean(0)
+    centred = CachedSelector(model, prompts, rule=SelectionRule(centre=tuple(centre.tolist())))
+    torch.testing.assert_close(centred.scores(batch), plain - centre, atol=1e-6, rtol=0)
+    assert [s.index for s in centred.select(batch)] == (plain - centre).argmax(1).tolist()
+
+
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES.keys())
+def test_layer_scores_give_every_rules_scores(model, rule):
+    prompts, batch = bank(4, 4), requests()
+    per_layer = CachedSelector(model, prompts).layer_scores(batch)
+    assert set(per_layer) == {"mass", "mass_no_sink"}
+    assert per_layer["mass"].shape == (len(LENGTHS), LAYERS, 4)
+    layers = list(rule.layers) if rule.layers is not None else list(range(LAYERS))
+    derived = per_layer[rule.score][:, layers].mean(1) - torch.tensor(rule.centre or (0.0,) * 4)
+    torch.testing.assert_close(derived, CachedSelector(model, prompts, rule=rule).scores(batch), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        (SelectionRule(layers=(LAYERS,)), "field 'selection.layers'"),
+        (SelectionRule(centre=(0.0, 0.0)), "field 'selection.centre' has 2 values but the bank has 4 prompts"),
+    ],
+)
+@pytest.mark.parametrize("selector_class", [ReferenceSelector, CachedSelector])
+def test_a_rule_that_does_not_fit_the_bank_or_model_is_refused(model, selector_class, rule, problem):
+    with pytest.raises(ValueError, match=problem):
+        selector_class(model, bank(4, 4), rule=rule)
+
+
+def test_layers_and_a_rule_together_are_refused(model):
+    with pytest.raises(ValueError, match="not both"):
+        CachedSelector(model, bank(4, 4), [0], rule=SelectionRule())
+
+
+def test_a_banks_selector_follows_its_manifest_rule_and_the_layers_setting_overrides_it(model):
+    fingerprint_ = Fingerprint(
+        config_sha256="c", embedding_sha256="e", hidden_size=HIDDEN, vocab_size=VOCAB, weights="tiny"
+    )
+    rule = SelectionRule(score="mass_no_sink", layers=(1,), centre=(0.1, 0.0, 0.0, 0.0))
+    prompt_bank = make_bank("b", bank(4, 4), ["a", "b", "c", "d"], fingerprint_, selection=rule)
+    batch = requests()
+    served = bank_selector(model, prompt_bank)
+    assert served.rule == rule
+    torch.testing.assert_close(served.scores(batch), ReferenceSelector(model, bank(4, 4), rule=rule).scores(batch))
+    overridden = bank_selector(model, prompt_bank, layers=[0, 2])
+    assert (overridden.rule.score, overridden.rule.layers, overridden.rule.centre) == ("mass_no_sink", (0, 2), None)

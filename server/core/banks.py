@@ -13,6 +13,7 @@ PEFT).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -35,6 +36,57 @@ TENSOR_FILE = "prompts.safetensors"
 TENSOR_KEY = "prompts"
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+Score = Literal["mass", "mass_no_sink"]
+SCORES: tuple[Score, ...] = ("mass", "mass_no_sink")
+"""The selection scores a rule can name, simplest first (docs/idp-algorithm.md, "Score")."""
+
+
+class SelectionRule(BaseModel):
+    """How a bank picks its prompt for an input; recorded in the manifest so every server selects the same way.
+
+    - `score`: "mass" is the paper's (attention mass on each prompt's m tokens); "mass_no_sink" leaves out each
+      prompt's first token, where attention sinks collect mass whatever the input is.
+    - `layers`: the selection layers (None: all, the paper's "overall attention").
+    - `centre`: one value per prompt subtracted from its score before the argmax (each prompt's mean score on a
+      calibration set), so a prompt that draws attention on every input does not win every input.
+    - `source`: free text saying how the rule was chosen (e.g. the routing study's report).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    score: Score = "mass"
+    layers: tuple[int, ...] | None = Field(None, min_length=1, description="Selection layers; None for all.")
+    centre: tuple[float, ...] | None = Field(None, min_length=1, description="Per-prompt score offsets, length k.")
+    source: str | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _sorted_layers(cls, layers: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """Layers are a set: stored sorted and distinct, so equal rules compare and serialize equal."""
+        if layers is None:
+            return None
+        if min(layers) < 0:
+            raise ValueError(f"layer indices must be >= 0, got {list(layers)}")
+        return tuple(sorted(set(layers)))
+
+    @field_validator("centre")
+    @classmethod
+    def _finite_centre(cls, centre: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if centre is not None and not all(math.isfinite(c) for c in centre):
+            raise ValueError(f"centre values must be finite, got {list(centre)}")
+        return centre
+
+    def check_fits(self, k: int, num_layers: int) -> None:
+        """ValueError naming the field unless the rule fits a bank of `k` prompts on a `num_layers`-layer model."""
+        if self.layers is not None and self.layers[-1] >= num_layers:
+            raise ValueError(
+                f"field 'selection.layers': selection layers must be a subset of 0..{num_layers - 1}, "
+                f"got {list(self.layers)}"
+            )
+        if self.centre is not None and len(self.centre) != k:
+            raise ValueError(f"field 'selection.centre' has {len(self.centre)} values but the bank has {k} prompts")
 
 
 class BankError(ValueError):
@@ -82,6 +134,19 @@ class BankManifest(BaseModel):
     trained: dict[str, Any] = Field(default_factory=dict, description="Data, steps, seed, loss, objective...")
     measured: dict[str, float] = Field(default_factory=dict, description="E.g. perplexity with/without prompts.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description=f"sha256 of {TENSOR_FILE}.")
+    selection: SelectionRule = Field(default_factory=SelectionRule, description="How the server picks a prompt.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rule_of_older_manifests(cls, data: Any) -> Any:
+        """A manifest without `selection` (written before rules existed) meant the paper's mass on the layers in
+        `trained.selection_layers` (all when absent); reading it that way keeps every older bank selecting exactly
+        as it did."""
+        if isinstance(data, dict) and "selection" not in data:
+            trained = data.get("trained")
+            layers = trained.get("selection_layers") if isinstance(trained, dict) else None
+            data = {**data, "selection": {"layers": layers or None}}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -107,6 +172,10 @@ class BankManifest(BaseModel):
         if self.hidden_size != self.model.hidden_size:
             raise ValueError(
                 f"field 'hidden_size' is {self.hidden_size} but field 'model.hidden_size' is {self.model.hidden_size}"
+            )
+        if self.selection.centre is not None and len(self.selection.centre) != self.k:
+            raise ValueError(
+                f"field 'selection.centre' has {len(self.selection.centre)} values but field 'k' is {self.k}"
             )
         return self
 
@@ -142,10 +211,15 @@ class PromptBank:
         return self.manifest.hidden_size
 
     @property
+    def selection_rule(self) -> SelectionRule:
+        """How this bank picks its prompt (the manifest's `selection`; see `SelectionRule`)."""
+        return self.manifest.selection
+
+    @property
     def selection_layers(self) -> list[int] | None:
-        """Layers the bank was calibrated to select with (`idp-serve train --mode curated`), None for all."""
-        layers = self.manifest.trained.get("selection_layers")
-        return [int(layer) for layer in layers] if layers else None
+        """The selection rule's layers, None for all."""
+        layers = self.manifest.selection.layers
+        return list(layers) if layers is not None else None
 
     def index(self, prompt_name: str) -> int:
         """Row of `prompt_name`; the KeyError lists the known names so a bad request is easy to fix."""
@@ -184,8 +258,11 @@ def make_bank(
     model: Fingerprint,
     trained: dict[str, Any] | None = None,
     measured: dict[str, float] | None = None,
+    selection: SelectionRule | None = None,
 ) -> PromptBank:
-    """Build a bank from K prompts [m, d] (a list or one [K, m, d] tensor) trained for `model`."""
+    """Build a bank from K prompts [m, d] (a list or one [K, m, d] tensor) trained for `model`.
+
+    `selection` None: the paper's rule on `trained["selection_layers"]` (all layers when absent)."""
     if not isinstance(prompts, torch.Tensor):
         lengths = [int(p.shape[0]) for p in prompts]
         if len(set(lengths)) > 1:
@@ -207,6 +284,7 @@ def make_bank(
             trained=trained or {},
             measured=measured or {},
             sha256=hashlib.sha256(_serialize(embeddings)).hexdigest(),
+            **({"selection": selection.model_dump()} if selection is not None else {}),
         ),
         f"bank {name!r}",
     )

@@ -3,7 +3,8 @@
 The algorithm is described in docs/idp-algorithm.md. For K prompts P_1..P_K of m virtual tokens and an input
 x_1..x_n, the score of prompt k is the attention mass the input tokens put on P_k's tokens, averaged over the
 selection layers, the heads and the input tokens, in the sequence [P_1 | ... | P_K | E(x)] where each prompt sits
-at positions 0..m-1 and sees only itself, and the input sits at positions m..m+n-1 and sees every prompt.
+at positions 0..m-1 and sees only itself, and the input sits at positions m..m+n-1 and sees every prompt. A bank's
+`SelectionRule` (server/core/banks.py) may leave out each prompt's first token and subtract a per-prompt centre.
 
 Two selectors compute the same scores:
 - `ReferenceSelector` builds that sequence literally, with its 4-D mask, and reads the model's eager attention
@@ -33,6 +34,8 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from server.core.banks import PromptBank, Score, SelectionRule
 
 SELECTION_ATTENTION = "idp_selection"
 """Name of the attention implementation a selection model runs with (`model.config._attn_implementation`)."""
@@ -69,16 +72,19 @@ tokens this made the attention 2.6x faster than one [n, K*m + n] block."""
 class _SelectionPass:
     """The state of one cached selection forward, handed to the attention function through keyword arguments.
 
-    It lives for one `CachedSelector.scores` call, so concurrent selectors never share anything mutable.
+    It lives for one `CachedSelector` pass, so concurrent selectors never share anything mutable. Per scored
+    layer it adds up the mass on each prompt (`mass`, [B, L, K]) and, when a rule needs it, the part of that mass
+    on each prompt's first token (`sink`); rules are applied to these sums afterwards (`_apply_rule`).
     """
 
     prompt_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]
-    selection_layers: frozenset[int]
+    slots: dict[int, int]
     num_prompts: int
     prompt_tokens: int
     lengths: torch.Tensor
     mask: torch.Tensor
-    total: torch.Tensor
+    mass: torch.Tensor
+    sink: torch.Tensor | None
 
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
@@ -110,20 +116,19 @@ class _SelectionPass:
         logits = torch.matmul(queries.reshape(batch, kv_heads, groups * size, head_dim), keys[:, :, :visible].mT)
         logits.view(batch, kv_heads, groups, size, visible).add_(self.mask[start : start + size, :visible])
         probs = torch.softmax(logits, dim=-1)
-        if layer in self.selection_layers:
-            self._add_block_score(probs.view(batch, kv_heads * groups, size, visible), start)
+        if layer in self.slots:
+            self._add_block_score(self.slots[layer], probs.view(batch, kv_heads * groups, size, visible), start)
         return torch.matmul(probs, values[:, :, :visible]).view(batch, kv_heads, groups, size, head_dim)
 
-    def _add_block_score(self, probs: torch.Tensor, start: int) -> None:
-        """Add a query block's share of this layer's score: mass on each prompt, mean over heads and real tokens."""
-        on_prompts = probs[..., : self.prompt_tokens].unflatten(-1, (self.num_prompts, -1)).sum(-1).mean(1)
+    def _add_block_score(self, slot: int, probs: torch.Tensor, start: int) -> None:
+        """Add a query block's share of a layer's sums: mass on each prompt (and on its first token), mean over
+        heads and real tokens."""
+        per_prompt = probs[..., : self.prompt_tokens].unflatten(-1, (self.num_prompts, -1))
         position = torch.arange(start, start + probs.shape[2], device=probs.device)
-        real = position[None, :] < self.lengths[:, None]
-        self.total += (on_prompts * real[..., None]).sum(1) / self.lengths[:, None]
-
-    def scores(self) -> torch.Tensor:
-        """Scores [B, K]: the mean over selection layers of the per-layer scores added so far."""
-        return self.total / len(self.selection_layers)
+        real = (position[None, :] < self.lengths[:, None])[..., None]
+        self.mass[:, slot] += (per_prompt.sum(-1).mean(1) * real).sum(1) / self.lengths[:, None]
+        if self.sink is not None:
+            self.sink[:, slot] += (per_prompt[..., 0].mean(1) * real).sum(1) / self.lengths[:, None]
 
 
 def _selection_attention(
@@ -212,6 +217,29 @@ def _check_layers(model: PreTrainedModel, layers: Sequence[int] | None) -> tuple
     return chosen
 
 
+def _check_rule(
+    model: PreTrainedModel, prompts: torch.Tensor, layers: Sequence[int] | None, rule: SelectionRule | None
+) -> tuple[SelectionRule, tuple[int, ...]]:
+    """The rule to apply (`rule`, else the paper's on `layers`) and its layers, or ValueError.
+
+    `layers` is the older way to name the paper's rule on a layer subset; naming both is ambiguous."""
+    if rule is None:
+        return SelectionRule(), _check_layers(model, layers)
+    if layers is not None:
+        raise ValueError("give selection layers or a selection rule, not both (a rule names its own layers)")
+    rule.check_fits(prompts.shape[0], model.config.num_hidden_layers)
+    return rule, _check_layers(model, rule.layers)
+
+
+def _apply_rule(rule: SelectionRule, mass: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Final scores [B, K] of a rule from per-layer sums [B, L, K] over exactly the rule's layers."""
+    per_layer = mass - sink if rule.score == "mass_no_sink" else mass
+    scores = per_layer.mean(1)
+    if rule.centre is not None:
+        scores = scores - torch.tensor(rule.centre, dtype=scores.dtype, device=scores.device)
+    return scores
+
+
 def _check_batch(model: PreTrainedModel, batch: Sequence[Sequence[int]], prompt_length: int) -> list[list[int]]:
     """The requests as lists of ints, or ValueError naming the request and the problem."""
     if len(batch) == 0:
@@ -246,17 +274,25 @@ def _selections(scores: torch.Tensor, seconds: float) -> list[Selection]:
 class ReferenceSelector:
     """The oracle: the full [P_1 | ... | P_K | E(x)] sequence, its 4-D mask, one eager forward per request.
 
-    It also accepts a plain eager model, so the oracle can run on a model this module never touched.
+    It also accepts a plain eager model, so the oracle can run on a model this module never touched. Every
+    `SelectionRule` is applied literally to the attention probabilities, apart from the cached selector's code.
     """
 
-    def __init__(self, model: PreTrainedModel, prompts: torch.Tensor, layers: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        prompts: torch.Tensor,
+        layers: Sequence[int] | None = None,
+        *,
+        rule: SelectionRule | None = None,
+    ) -> None:
         self._model = _check_model(model, ("eager", SELECTION_ATTENTION))
         self._prompts = _check_prompts(model, prompts)
-        self._layers = _check_layers(model, layers)
+        self._rule, self._layers = _check_rule(model, self._prompts, layers, rule)
 
     @torch.no_grad()
     def scores(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Scores [B, K] (float32), one forward per request."""
+        """Scores [B, K] (float32) under the rule, one forward per request."""
         requests = _check_batch(self._model, batch, self._prompts.shape[1])
         return torch.stack([self._request_scores(ids) for ids in requests])
 
@@ -281,8 +317,12 @@ class ReferenceSelector:
             output_attentions=True,
         )
         attentions = torch.stack([out.attentions[layer][0] for layer in self._layers])
-        on_prompts = attentions[:, :, prompt_tokens:, :prompt_tokens]
-        return on_prompts.unflatten(-1, (num_prompts, m)).sum(-1).mean((0, 1, 2))
+        on_prompts = attentions[:, :, prompt_tokens:, :prompt_tokens].unflatten(-1, (num_prompts, m))
+        counted = on_prompts[..., 1:] if self._rule.score == "mass_no_sink" else on_prompts
+        scores = counted.sum(-1).mean((0, 1, 2))
+        if self._rule.centre is not None:
+            scores = scores - torch.tensor(self._rule.centre, device=scores.device)
+        return scores
 
 
 def _reference_mask(num_prompts: int, m: int, n: int) -> torch.Tensor:
@@ -301,6 +341,8 @@ def _reference_mask(num_prompts: int, m: int, n: int) -> torch.Tensor:
 class CachedSelector:
     """The serving selector: prompt KV cached once per bank, one batched prefill of the inputs per selection.
 
+    `rule` is the bank's `SelectionRule` (`layers` alone: the paper's score on those layers). The prompt KV of
+    every layer is kept, so `layer_scores` can score all layers for the routing study with the same code.
     `stop_after_last_layer` (default) runs the decoder only up to the attention of the deepest selection layer,
     since nothing later can change the scores; False runs every layer, the cost of a full prefill, which is what
     the option is for (measuring that it changes nothing but time). The LM head never runs.
@@ -312,13 +354,18 @@ class CachedSelector:
         prompts: torch.Tensor,
         layers: Sequence[int] | None = None,
         stop_after_last_layer: bool = True,
+        *,
+        rule: SelectionRule | None = None,
     ) -> None:
         self._model = _check_model(model, (SELECTION_ATTENTION,))
         self._prompts = _check_prompts(model, prompts)
-        self._layers = _check_layers(model, layers)
+        self._rule, self._layers = _check_rule(model, self._prompts, layers, rule)
         self._stop_after_last_layer = stop_after_last_layer
-        depth = self._layers[-1] + 1 if stop_after_last_layer else model.config.num_hidden_layers
-        self._prompt_kv = self._compute_prompt_kv()[:depth]
+        self._prompt_kv = self._compute_prompt_kv()
+
+    @property
+    def rule(self) -> SelectionRule:
+        return self._rule
 
     @torch.no_grad()
     def _compute_prompt_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -332,23 +379,22 @@ class CachedSelector:
 
     @torch.no_grad()
     def scores(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Scores [B, K] (float32) of a batch of requests of any lengths, in one forward (right-padded)."""
-        num_prompts, m, _ = self._prompts.shape
-        requests = _check_batch(self._model, batch, m)
-        lengths = torch.tensor([len(ids) for ids in requests])
-        n = int(lengths.max())
-        ids = torch.tensor([ids + [0] * (n - len(ids)) for ids in requests], device=self._model.device)
-        selection = _SelectionPass(
-            prompt_kv=self._prompt_kv,
-            selection_layers=frozenset(self._layers),
-            num_prompts=num_prompts,
-            prompt_tokens=num_prompts * m,
-            lengths=lengths.to(self._model.device, torch.float32),
-            mask=_input_mask(num_prompts * m, n).to(self._model.device),
-            total=torch.zeros(len(requests), num_prompts, device=self._model.device),
-        )
-        self._forward(ids, m, selection)
-        return selection.scores()
+        """Scores [B, K] (float32) under the rule, of a batch of requests of any lengths, in one forward."""
+        depth = self._layers[-1] + 1 if self._stop_after_last_layer else len(self._prompt_kv)
+        selection = self._pass(batch, self._layers, with_sink=self._rule.score == "mass_no_sink", depth=depth)
+        return _apply_rule(self._rule, selection.mass, selection.sink)
+
+    @torch.no_grad()
+    def layer_scores(self, batch: Sequence[Sequence[int]]) -> dict[Score, torch.Tensor]:
+        """Per score and every layer of the model, the uncentred scores [B, L, K], in one forward of all layers.
+
+        For choosing a rule (server/lab/routing.py): the scores of any rule are the mean of these over its layers
+        minus its centre, so one pass per input serves every candidate rule.
+        """
+        every = tuple(range(len(self._prompt_kv)))
+        selection = self._pass(batch, every, with_sink=True, depth=len(every))
+        assert selection.sink is not None
+        return {"mass": selection.mass, "mass_no_sink": selection.mass - selection.sink}
 
     def select(self, batch: Sequence[Sequence[int]]) -> list[Selection]:
         """One `Selection` per request; `seconds` is the wall time of the whole batch."""
@@ -356,8 +402,32 @@ class CachedSelector:
         scores = self.scores(batch)
         return _selections(scores, time.perf_counter() - start)
 
-    def _forward(self, ids: torch.Tensor, m: int, selection: _SelectionPass) -> None:
-        """Run the decoder layers that matter on the input tokens at positions m..m+n-1.
+    def _pass(
+        self, batch: Sequence[Sequence[int]], layers: tuple[int, ...], with_sink: bool, depth: int
+    ) -> _SelectionPass:
+        """One cached forward of the batch (right-padded) through `depth` layers, summing scores on `layers`."""
+        num_prompts, m, _ = self._prompts.shape
+        requests = _check_batch(self._model, batch, m)
+        lengths = torch.tensor([len(ids) for ids in requests])
+        n = int(lengths.max())
+        device = self._model.device
+        ids = torch.tensor([ids + [0] * (n - len(ids)) for ids in requests], device=device)
+        sums = torch.zeros(len(requests), len(layers), num_prompts, device=device)
+        selection = _SelectionPass(
+            prompt_kv=self._prompt_kv,
+            slots={layer: slot for slot, layer in enumerate(layers)},
+            num_prompts=num_prompts,
+            prompt_tokens=num_prompts * m,
+            lengths=lengths.to(device, torch.float32),
+            mask=_input_mask(num_prompts * m, n).to(device),
+            mass=sums,
+            sink=torch.zeros_like(sums) if with_sink else None,
+        )
+        self._forward(ids, m, selection, depth)
+        return selection
+
+    def _forward(self, ids: torch.Tensor, m: int, selection: _SelectionPass, depth: int) -> None:
+        """Run the first `depth` decoder layers on the input tokens at positions m..m+n-1.
 
         When stopping after the last selection layer, that layer runs its attention only: its MLP (three
         quarters of a layer's work) cannot change any score.
@@ -366,13 +436,26 @@ class CachedSelector:
         hidden = self._model.get_input_embeddings()(ids)
         positions = torch.arange(m, m + ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
         kwargs = {"position_embeddings": decoder.rotary_emb(hidden, positions), _PASS_KWARG: selection}
-        *full, last = decoder.layers[: len(self._prompt_kv)]
+        *full, last = decoder.layers[:depth]
         for layer in full:
             hidden = layer(hidden, position_ids=positions, **kwargs)
         if self._stop_after_last_layer:
             last.self_attn(hidden_states=last.input_layernorm(hidden), attention_mask=None, **kwargs)
         else:
             last(hidden, position_ids=positions, **kwargs)
+
+
+def bank_selector(model: PreTrainedModel, bank: PromptBank, layers: Sequence[int] | None = None) -> CachedSelector:
+    """The serving selector of `bank`: its manifest's rule, the one place a server turns a bank into a selector.
+
+    `layers` (the server's `selection_layers` setting) overrides the rule's layers for every bank; a centre is
+    then dropped, since it was calibrated on the rule's own layers. A rule that does not fit the model (a layer it
+    lacks) is a ValueError naming the manifest field.
+    """
+    rule = bank.selection_rule
+    if layers is not None:
+        rule = SelectionRule(score=rule.score, layers=tuple(layers), source="selection_layers setting")
+    return CachedSelector(model, bank.embeddings, rule=rule)
 
 
 def _side_by_side(states: torch.Tensor) -> torch.Tensor:
@@ -388,8 +471,15 @@ def _input_mask(prompt_tokens: int, n: int) -> torch.Tensor:
     return torch.zeros(blocked.shape).masked_fill(blocked, torch.finfo(torch.float32).min)
 
 
-def offline_choices(model: Path, prompts: torch.Tensor, names: Sequence[str], texts: Sequence[str]) -> list[str]:
-    """The prompt name the served selection picks for each text (the model folder's own tokenizer, all layers).
+def offline_choices(
+    model: Path,
+    prompts: torch.Tensor,
+    names: Sequence[str],
+    texts: Sequence[str],
+    rule: SelectionRule | None = None,
+) -> list[str]:
+    """The prompt name the served selection picks for each text (the model folder's own tokenizer; `rule`
+    default: the paper's, all layers).
 
     What a server with this model and bank must report in dynamic mode: load tests and reliability tests check
     live answers against it, computed in a separate model instance so a shared bug cannot agree with itself.
@@ -397,6 +487,6 @@ def offline_choices(model: Path, prompts: torch.Tensor, names: Sequence[str], te
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    selector = CachedSelector(load_selection_model(model), prompts)
+    selector = CachedSelector(load_selection_model(model), prompts, rule=rule)
     chosen = selector.select([tokenizer.encode(text) for text in texts])
     return [names[c.index] for c in chosen]

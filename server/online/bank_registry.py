@@ -21,9 +21,9 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from server.core.banks import BankError, PromptBank, list_banks, load_bank
+from server.core.banks import MANIFEST_FILE, BankError, PromptBank, list_banks, load_bank
 from server.core.identity import Fingerprint, fingerprint
-from server.core.selection import CachedSelector, load_selection_model
+from server.core.selection import bank_selector, load_selection_model
 from server.online import metrics
 from server.online.selection_queue import Selector
 
@@ -114,13 +114,19 @@ class BankLoader:
             raise
         if banks and self._model is None:
             self._model = load_selection_model(self._folder, self._device)
-        selectors = {
-            name: CachedSelector(self._model, bank.embeddings, self._layers or bank.selection_layers)
-            for name, bank in banks.items()
-        }
+        selectors = {name: self._selector(name, bank) for name, bank in banks.items()}
         metrics.banks_replaced(self._described, list(banks.values()))
         self._described = list(banks.values())
         return BankSet(banks, selectors, default)
+
+    def _selector(self, name: str, bank: PromptBank) -> Selector:
+        """The bank's selector under its manifest's rule (or the `selection_layers` override); a rule that does not
+        fit the served model is the bank's fault (BankError naming its manifest), counted like any other."""
+        try:
+            return bank_selector(self._model, bank, self._layers or None)
+        except ValueError as error:
+            metrics.bank_load_failed()
+            raise BankError(f"{self._banks_dir / name / MANIFEST_FILE}: {error}") from None
 
 
 class BankRegistry:
