@@ -1,56 +1,79 @@
-"""IDP server vs the stock vLLM server on the same compressed model, in one run.
+"""What IDP costs on the request path: idp-serve with a bank (A) against idp-serve with IDP off (B), in one run.
 
-The stock server (`python -m vllm.entrypoints.openai.api_server --enable-prompt-embeds`) gets one static soft
-prompt in front of every input as `prompt_embeds` (the best a plain vLLM deployment can do with a prompt bank);
-idp-serve selects a prompt per request from the bank (mode dynamic) and decodes it the same way. Same model,
-dtype, KV cache, eager mode; the servers run one after the other, never at once, so they never share the CPU.
+One idp-serve server, the same model, engine and machine for both arms: A asks for dynamic selection over the
+bank (`"idp": {"bank": ..., "mode": "dynamic"}`: a selection pass, then vLLM decodes [chosen prompt | input]);
+B asks for IDP off (`"idp": {"mode": "none"}`: vLLM decodes the input alone, no selection pass). That is the
+comparison a user makes when deciding whether to turn IDP on.
 
-idp-serve keeps its own threads off the cores vLLM pins its workers to (server/cpus.py); the stock server does
-not. `--pin-stock` adds a third run, the stock server with its API process pinned the same way (with `taskset`
-semantics, from outside), so the table also shows what is left of the overhead once both are placed alike.
+Two workloads, as clients send them:
+- scoring: ~250-token prompts, `max_tokens` 1, `echo` with `logprobs` 1, greedy: lm-evaluation-harness's
+  log-likelihood requests (its `local-completions` model), also what rerankers and classifiers send. Prefill
+  only, so the selection pass has no decoding to hide behind.
+- generation: 128-token prompts, 64 output tokens (`ignore_eos`), greedy.
 
-Workload: 128-token prompts cut from the Lee news text (held-out articles first, then the background ones), 64
-output tokens (ignore_eos), greedy, at concurrency 1, 8 and 32, 4 x concurrency requests per level (at least 16).
-Every request of the run has its own input by default: a repeated input is mostly skipped by vLLM's prefix cache
-(on in both servers; 63-78% of the stock server's prompt tokens when this script cycled through 39 inputs) and by
-idp-serve's selection cache, so repeats measure the caches, not the servers. `--input-pool N` cycles through N
-inputs instead, for that repeated-traffic case. Printed: output throughput and p50/p95 request latency of each
-server, and the ratios IDP / stock.
+At each concurrency (default 1, 8, 32) each arm sends max(16, 4 x concurrency) requests, arms alternating which
+goes first from level to level so a slow drift of the machine does not favour one. Every input of a workload is
+distinct (consecutive blocks of the Lee news text, held-out articles first; scoring and generation take
+disjoint token ranges), and A and B get the same inputs: a repeated input would be mostly skipped by vLLM's
+prefix cache and idp-serve's selection cache, measuring the caches, not the request path. A's inputs start with
+virtual tokens and B's do not, so neither arm's prefix cache serves the other. `--input-pool N` cycles through N
+inputs instead, for the repeated-traffic case.
 
-    python bench/serve.py [--concurrency 1 8 32] [--requests-per-level 4] [--bank default] [--pin-stock]
-                          [--input-pool N] [--idp-flag=--selection-batch-size=16 ...]
+Printed: one table per workload, throughput (requests/s), p50 and p95 latency of each arm and the ratios A / B,
+and the median selection time the server reports for A (`idp.selection_ms`). Everything also goes to `--json`.
+
+    python bench/serve.py [--workloads scoring generation] [--concurrency 1 8 32] [--requests-per-level 4]
+                          [--model M] [--banks-dir DIR] [--bank default] [--input-pool N] [--json PATH]
+                          [--idp-flag=--selection-idle-threads=1 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
+import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
-import torch
 from transformers import AutoTokenizer
 
-from server.core.banks import load_bank
+from server.core.banks import bank_dir, load_bank
 from server.core.config import Settings
-from server.core.identity import embedding_weight, resolve
+from server.core.identity import resolve
 from server.lab.corpus import lee_heldout, lee_train, token_blocks
-from server.online.cpus import frontend_cpus, pin_process, pinned_by_children
 from server.online.settings import ServeSettings
 
-PROMPT_TOKENS, OUTPUT_TOKENS = 128, 64
+
+@dataclass(frozen=True)
+class Workload:
+    """What every request of a workload asks for, besides its input and its `idp` field."""
+
+    name: str
+    prompt_tokens: int
+    body: dict[str, Any]
+
+
+WORKLOADS = {
+    "scoring": Workload("scoring", 250, {"max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}),
+    "generation": Workload("generation", 128, {"max_tokens": 64, "temperature": 0, "ignore_eos": True}),
+}
+ARMS = ("A", "B")
+"""A: IDP on (dynamic selection over the bank); B: IDP off."""
 MIN_REQUESTS = 16
 """Requests of a level at least: at concurrency 1, 4 requests made a p50 that moved by 5-8% from run to run."""
+WARMUP = 2
+"""Requests per arm and workload before the first level: the first requests pay one-off costs (allocations,
+kernels' first calls) that are no part of serving."""
 
 
 def free_port() -> int:
@@ -59,19 +82,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pin_frontend(pid: int) -> list[int]:
-    """Pin every thread of server process `pid` off the CPUs its engine's workers are pinned to, as idp-serve
-    pins itself (server/cpus.py)."""
-    cpus = sorted(frontend_cpus(pinned_by_children(pid)))
-    pin_process(cpus, pid)
-    return cpus
-
-
 @contextmanager
-def running(cmd: list[str], port: int, log: Path, pin: bool = False):
-    """Start a server process, wait for /health, stop it afterwards."""
+def running(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start a server process, wait for /health, stop it afterwards; yields its base URL."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        environment = (env or dict(os.environ)) | {"PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environment)
         try:
             deadline = time.time() + 900
             while time.time() < deadline:
@@ -85,8 +101,6 @@ def running(cmd: list[str], port: int, log: Path, pin: bool = False):
                 time.sleep(2)
             else:
                 raise RuntimeError(f"{cmd[:4]} did not become healthy; see {log}")
-            if pin:
-                print(f"  pinned {cmd[2]} to CPUs {pin_frontend(proc.pid)}", file=sys.stderr)
             yield f"http://127.0.0.1:{port}"
         finally:
             proc.terminate()
@@ -95,183 +109,233 @@ def running(cmd: list[str], port: int, log: Path, pin: bool = False):
 
 @dataclass
 class Level:
-    """What one concurrency level measured on one server."""
+    """What one arm measured at one concurrency."""
 
-    wall_s: float
-    latencies: list[float]
-    tokens: int
-    selection_ms: list[float]  # idp-serve's per-input selection time (`idp.selection_ms`); empty for stock vLLM
+    requests: int = 0
+    wall_s: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    selection_ms: list[float] = field(default_factory=list)
+    """idp-serve's per-input selection time (`idp.selection_ms`); empty for arm B, which selects nothing."""
 
-    def row(self) -> tuple[float, float, float]:
-        """Output tok/s, p50 and p95 latency in seconds."""
-        return self.tokens / self.wall_s, percentile(self.latencies, 50), percentile(self.latencies, 95)
+    @property
+    def throughput(self) -> float:
+        """Requests per second."""
+        return self.requests / self.wall_s
+
+    def p(self, q: int) -> float:
+        """The q-th percentile of the request latencies, in seconds."""
+        return percentile(self.latencies_s, q)
 
 
-async def load(url: str, bodies: list[dict], concurrency: int) -> Level:
-    """Send `bodies` with at most `concurrency` in flight."""
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+async def load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> Level:
+    """Send `bodies` with at most `concurrency` in flight; every answer must be a 200 with a choice per input."""
     semaphore = asyncio.Semaphore(concurrency)
-    level = Level(0.0, [], 0, [])
-    async with httpx.AsyncClient(timeout=1800) as client:
+    level = Level(requests=len(bodies))
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
 
-        async def one(body: dict) -> None:
+        async def one(body: dict[str, Any]) -> None:
             async with semaphore:
                 start = time.perf_counter()
                 response = await client.post(f"{url}/v1/completions", json=body)
-                response.raise_for_status()
-                level.latencies.append(time.perf_counter() - start)
-                answer = response.json()
-                level.tokens += answer["usage"]["completion_tokens"]
-                level.selection_ms += [c["idp"]["selection_ms"] for c in answer["choices"] if "idp" in c]
+                elapsed = time.perf_counter() - start
+            response.raise_for_status()
+            answer = response.json()
+            level.latencies_s.append(elapsed)
+            level.output_tokens += answer["usage"]["completion_tokens"]
+            picks = [c.get("idp") or {} for c in answer["choices"]]
+            level.selection_ms += [p["selection_ms"] for p in picks if p.get("selection_ms") is not None]
 
         start = time.perf_counter()
         await asyncio.gather(*(one(b) for b in bodies))
         level.wall_s = time.perf_counter() - start
-        return level
+    return level
 
 
-def embeds_b64(tensor: torch.Tensor) -> str:
-    """vLLM's wire format for prompt_embeds: base64 of a torch.save'd tensor (we only write it)."""
-    buffer = io.BytesIO()
-    torch.save(tensor.contiguous(), buffer)
-    return base64.b64encode(buffer.getvalue()).decode()
+def input_blocks(tokenizer: Any, data_dir: Path, lengths: list[tuple[int, int]]) -> list[list[list[int]]]:
+    """For each (tokens, count), `count` distinct inputs of that many tokens, from disjoint ranges of the text."""
+    flat = token_blocks(tokenizer, lee_heldout(data_dir) + lee_train(data_dir), 1).flatten().tolist()
+    out, start = [], 0
+    for length, count in lengths:
+        end = start + length * count
+        if end > len(flat):
+            raise ValueError(f"the corpus has {len(flat)} tokens, {end} needed: lower the requests or --input-pool")
+        out.append([flat[i : i + length] for i in range(start, end, length)])
+        start = end
+    return out
 
 
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+def levels(concurrency: list[int], per_level: int, least: int = MIN_REQUESTS) -> list[int]:
+    """Requests per arm at each concurrency."""
+    return [max(least, per_level * c) for c in concurrency]
+
+
+def run_workload(
+    url: str,
+    workload: Workload,
+    inputs: list[list[int]],
+    concurrency: list[int],
+    counts: list[int],
+    make: Callable[[str, list[int]], dict[str, Any]],
+) -> dict[int, dict[str, Level]]:
+    """Warm up, then at each concurrency run both arms on the same inputs, alternating which goes first."""
+    pool = iter_inputs(inputs)
+    warm = [next(pool) for _ in range(WARMUP)]
+    for arm in ARMS:
+        asyncio.run(load(url, [make(arm, ids) for ids in warm], 1))
+    results: dict[int, dict[str, Level]] = {}
+    for index, (c, n) in enumerate(zip(concurrency, counts, strict=True)):
+        batch = [next(pool) for _ in range(n)]
+        results[c] = {}
+        for arm in ARMS if index % 2 == 0 else ARMS[::-1]:
+            results[c][arm] = asyncio.run(load(url, [make(arm, ids) for ids in batch], c))
+            print(f"  {workload.name} c={c} {arm}: {results[c][arm].throughput:.2f} req/s", file=sys.stderr)
+    return results
+
+
+def iter_inputs(inputs: list[list[int]]) -> Iterator[list[int]]:
+    """The inputs in order, cycling (only `--input-pool` makes the pool shorter than the run)."""
+    while True:
+        yield from inputs
+
+
+def table(workload: str, results: dict[int, dict[str, Level]]) -> str:
+    """The markdown table of one workload: each arm's numbers and the ratios A / B."""
+    lines = [
+        f"{workload}: A = IDP on, B = IDP off",
+        "",
+        "| concurrency | A req/s | B req/s | throughput A/B | A p50 s | B p50 s | p50 A/B | A p95 s | B p95 s "
+        "| p95 A/B | A selection ms (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c, arms in results.items():
+        a, b = arms["A"], arms["B"]
+        selection = statistics.median(a.selection_ms) if a.selection_ms else float("nan")
+        lines.append(
+            f"| {c} | {a.throughput:.2f} | {b.throughput:.2f} | {a.throughput / b.throughput:.2f}x "
+            f"| {a.p(50):.2f} | {b.p(50):.2f} | {a.p(50) / b.p(50):.2f}x "
+            f"| {a.p(95):.2f} | {b.p(95):.2f} | {a.p(95) / b.p(95):.2f}x | {selection:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(results: dict[int, dict[str, Level]]) -> dict[str, Any]:
+    """JSON-ready numbers of one workload, per concurrency: both arms' raw measurements and the ratios."""
+    out: dict[str, Any] = {}
+    for c, arms in results.items():
+        a, b = arms["A"], arms["B"]
+        out[str(c)] = {
+            "ratios": {
+                "throughput": a.throughput / b.throughput,
+                "p50": a.p(50) / b.p(50),
+                "p95": a.p(95) / b.p(95),
+            },
+            **{
+                arm: asdict(level) | {"throughput": level.throughput, "p50": level.p(50), "p95": level.p(95)}
+                for arm, level in arms.items()
+            },
+        }
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
-        "--requests-per-level", type=int, default=4, help=f"requests = this x concurrency (at least {MIN_REQUESTS})"
+        "--requests-per-level",
+        type=int,
+        default=4,
+        help=f"requests per arm = this x concurrency (at least {MIN_REQUESTS})",
     )
+    parser.add_argument(
+        "--min-requests", type=int, default=MIN_REQUESTS, help="requests per arm and level at least (smoke runs: 2)"
+    )
+    serve = ServeSettings()
+    parser.add_argument("--model", default=serve.model, help="model folder or name under models_dir")
+    parser.add_argument("--banks-dir", type=Path, default=serve.banks_dir)
     parser.add_argument("--bank", default="default")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--pin-stock", action="store_true", help="also run the stock server pinned like ours")
+    parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument(
         "--idp-flag",
         action="append",
         default=[],
         metavar="FLAG",
-        help="extra flag for `idp-serve serve`, repeatable: --idp-flag=--selection-batch-size=16",
+        help="extra flag for `idp-serve serve`, repeatable: --idp-flag=--selection-idle-threads=1",
     )
     parser.add_argument(
         "--input-pool",
         type=int,
         default=None,
-        help="cycle through this many distinct inputs (default: a new input for every request)",
+        help="cycle through this many inputs per workload (default: all distinct)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench-serve.json", help="results file"
     )
     args = parser.parse_args()
 
-    serve = ServeSettings()
-    folder = resolve(serve.model, serve.models_dir)
-    bank = load_bank(serve.banks_dir / args.bank)
+    folder = resolve(args.model, serve.models_dir)
+    bank = load_bank(bank_dir(args.banks_dir, args.bank))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    data_dir = Settings().data_dir
-    blocks = token_blocks(tokenizer, lee_heldout(data_dir) + lee_train(data_dir), PROMPT_TOKENS)
-    levels = [2] + [max(MIN_REQUESTS, args.requests_per_level * c) for c in args.concurrency]  # warm-up, levels
-    pool = args.input_pool or sum(levels)
-    if pool > len(blocks):
-        parser.error(f"{pool} distinct inputs wanted, the corpus has {len(blocks)}: lower the requests or --input-pool")
-    table = embedding_weight(folder)
-    static = bank.embeddings[0]
-    common = {"max_tokens": OUTPUT_TOKENS, "temperature": 0, "ignore_eos": True}
-    logs = Path(os.environ.get("TMPDIR", "/tmp"))
-    engine_flags = ["--dtype", args.dtype, "--max-model-len", "512", "--enforce-eager"]
-    results: dict[str, dict[int, Level]] = {}
-
-    def workloads(make) -> list[list[dict]]:
-        """Request bodies of the warm-up and of each level: consecutive inputs of the pool, cycling within it."""
-        bodies, start = [], 0
-        for n in levels:
-            bodies.append([make(blocks[(start + i) % pool]) for i in range(n)])
-            start += n
-        return bodies
-
-    stock_port, idp_port = free_port(), free_port()
-    stock_cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(folder),
-        "--port",
-        str(stock_port),
-        "--enable-prompt-embeds",
-        "--kv-cache-memory-bytes",
-        str(2**30),
-        *engine_flags,
-    ]
-    idp_cmd = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--model",
-        str(folder),
-        "--port",
-        str(idp_port),
-        "--dtype",
-        args.dtype,
-        "--max-model-len",
-        "512",
-        "--default-bank",
-        args.bank,
-        *args.idp_flag,
-    ]
-
-    def stock_body(ids: torch.Tensor) -> dict:
-        return {"model": str(folder), "prompt_embeds": embeds_b64(torch.cat([static, table[ids]])), **common}
-
-    runs = {
-        "stock": (stock_cmd, stock_port, False, stock_body),
-        "idp": (
-            idp_cmd,
-            idp_port,
-            False,
-            lambda ids: {
-                "model": folder.name,
-                "prompt": ids.tolist(),
-                "idp": {"bank": args.bank, "mode": "dynamic"},
-                **common,
-            },
-        ),
-    }
-    if args.pin_stock:
-        runs["stock pinned"] = (stock_cmd, stock_port, True, stock_body)
-    for label, (cmd, port, pin, make) in runs.items():
-        print(f"starting {label} ...", file=sys.stderr)
-        with running(cmd, port, logs / f"bench-serve-{port}.log", pin) as url:
-            warmup, *per_level = workloads(make)
-            asyncio.run(load(url, warmup, 1))
-            results[label] = {}
-            for c, bodies in zip(args.concurrency, per_level, strict=True):
-                results[label][c] = asyncio.run(load(url, bodies, c))
-                print(f"  {label} c={c}: {results[label][c].row()[0]:.1f} tok/s", file=sys.stderr)
-
-    print(
-        f"\nmodel {folder.name}, bank {args.bank} (K={bank.k}, m={bank.m}), dtype {args.dtype}, "
-        f"idp-serve flags {' '.join(args.idp_flag) or '(defaults)'}, "
-        f"{PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens, "
-        f"{args.requests_per_level} x concurrency requests per level (at least {MIN_REQUESTS}), "
-        f"{'every input distinct' if args.input_pool is None else f'inputs cycled from a pool of {pool}'}\n"
+    counts = levels(args.concurrency, args.requests_per_level, args.min_requests)
+    needed = WARMUP + sum(counts)
+    chosen = [WORKLOADS[name] for name in args.workloads]
+    per_workload = input_blocks(
+        tokenizer, Settings().data_dir, [(w.prompt_tokens, args.input_pool or needed) for w in chosen]
     )
-    print(TABLE_HEAD)
-    for baseline in [b for b in ("stock", "stock pinned") if b in results]:
-        for c in args.concurrency:
-            (st, s50, s95), (it, i50, i95) = results[baseline][c].row(), results["idp"][c].row()
-            print(
-                f"| idp vs {baseline} | {c} | {st:.1f} | {it:.1f} | {it / st:.2f}x | {s50:.2f} | {i50:.2f} "
-                f"| {i50 / s50:.2f}x | {s95:.2f} | {i95:.2f} | {i95 / s95:.2f}x |"
-            )
-    passes = ", ".join(f"c={c} {statistics.median(results['idp'][c].selection_ms):.0f} ms" for c in args.concurrency)
-    print(f"\nidp-serve selection pass per input (median of the reported `idp.selection_ms`): {passes}")
 
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "server.cli", "serve",
+        "--model", str(folder), "--port", str(port), "--dtype", args.dtype,
+        "--max-model-len", str(args.max_model_len),
+        "--banks-dir", str(args.banks_dir), "--default-bank", args.bank,
+        *args.idp_flag,
+    ]  # fmt: skip
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{port}.log"
+    results: dict[str, dict[int, dict[str, Level]]] = {}
+    print(f"starting idp-serve (log {log}) ...", file=sys.stderr)
+    with running(cmd, port, log) as url:
+        name = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        for workload, inputs in zip(chosen, per_workload, strict=True):
 
-TABLE_HEAD = """| run | concurrency | stock tok/s | IDP tok/s | throughput ratio | stock p50 s | IDP p50 s | p50 ratio \
-| stock p95 s | IDP p95 s | p95 ratio |
-|---|---|---|---|---|---|---|---|---|---|---|"""
+            def make(arm: str, ids: list[int], workload: Workload = workload) -> dict[str, Any]:
+                idp = {"bank": args.bank, "mode": "dynamic"} if arm == "A" else {"mode": "none"}
+                return {"model": name, "prompt": ids, "idp": idp, **workload.body}
+
+            results[workload.name] = run_workload(url, workload, inputs, args.concurrency, counts, make)
+
+    config = {
+        "model": folder.name,
+        "bank": {"name": args.bank, "k": bank.k, "m": bank.m},
+        "dtype": args.dtype,
+        "idp_flags": args.idp_flag,
+        "requests_per_arm": dict(zip(map(str, args.concurrency), counts, strict=True)),
+        "inputs": "every input distinct" if args.input_pool is None else f"cycled from a pool of {args.input_pool}",
+        "cpus": os.cpu_count(),
+        "workloads": {w.name: {"prompt_tokens": w.prompt_tokens, **w.body} for w in chosen},
+    }
+    print(
+        f"\nmodel {folder.name}, bank {args.bank} (K={bank.k}, m={bank.m}), dtype {args.dtype}, idp-serve flags "
+        f"{' '.join(args.idp_flag) or '(defaults)'}, requests per arm {config['requests_per_arm']}, "
+        f"{config['inputs']}, {os.cpu_count()} CPUs\n"
+    )
+    for workload in chosen:
+        print(
+            table(f"{workload.name} ({workload.prompt_tokens}-token prompts, {workload.body})", results[workload.name])
+        )
+        print()
+    args.json.write_text(
+        json.dumps({"config": config, "results": {k: summary(v) for k, v in results.items()}}, indent=1)
+    )
+    print(f"written {args.json}")
+
 
 if __name__ == "__main__":
     main()
