@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from server.lab.teacher_cache import CacheError, TeacherTargets, kd_loss, teacher_targets
+from server.lab.teacher_cache import CacheError, TeacherCache, TeacherTargets, kd_loss, teacher_targets
 
 RUNS_DIR = Path(__file__).resolve().parents[2] / "bench" / "runs"
 
@@ -104,18 +105,46 @@ def prompted_logits(student: PreTrainedModel, prompt: torch.Tensor, ids: torch.T
     return student(inputs_embeds=x).logits[:, m:-1]
 
 
+Logits = Callable[[torch.Tensor], torch.Tensor]
+"""The repaired student's logits at the text positions of token blocks: ids [B, n] -> [B, n-1, V]."""
+
+
+@dataclass
+class Trainable:
+    """What a run trains: named parameters on `device` and the student's logits with them.
+
+    The recipe's loop (`train`) knows nothing else about the method, so a prompt (one parameter in front of the
+    input) and a LoRA adapter (many weight deltas) share one loop, one data stream and one run-folder format.
+    `kind` names the checkpoint files (`checkpoints/<kind>-<tokens>.safetensors`).
+    """
+
+    params: dict[str, torch.nn.Parameter]
+    logits: Logits
+    device: torch.device
+    kind: str = "prompt"
+
+
+def prompt_trainable(student: PreTrainedModel, init: torch.Tensor) -> Trainable:
+    """A soft prompt, started at `init` [m, d], in front of a frozen student."""
+    prompt = torch.nn.Parameter(init.clone().float().to(student.device))
+    return Trainable({"prompt": prompt}, lambda ids: prompted_logits(student, prompt, ids), student.device)
+
+
 @torch.no_grad()
-def dev_kl(student: PreTrainedModel, prompt: torch.Tensor, dev: Supervision, blocks: int, batch_size: int) -> float:
-    """Mean KD loss behind `prompt` over the first `blocks` dev blocks."""
-    device = student.device
+def mean_kl(logits: Logits, dev: Supervision, blocks: int, batch_size: int, device: torch.device) -> float:
+    """Mean KD loss of a student's `logits` over the first `blocks` dev blocks."""
     total, count = 0.0, 0
     for start in range(0, min(blocks, len(dev.blocks)), batch_size):
         index = torch.arange(start, min(start + batch_size, blocks, len(dev.blocks)))
-        loss = kd_loss(
-            prompted_logits(student, prompt.to(device), dev.blocks[index].to(device)), dev.targets(index).to(device)
-        )
+        loss = kd_loss(logits(dev.blocks[index].to(device)), dev.targets(index).to(device))
         total, count = total + loss.sum().item(), count + len(index)
     return total / count
+
+
+def dev_kl(student: PreTrainedModel, prompt: torch.Tensor, dev: Supervision, blocks: int, batch_size: int) -> float:
+    """Mean KD loss behind `prompt` over the first `blocks` dev blocks."""
+    prompt = prompt.to(student.device)
+    return mean_kl(lambda ids: prompted_logits(student, prompt, ids), dev, blocks, batch_size, student.device)
 
 
 @dataclass
@@ -180,11 +209,11 @@ class RunFolder:
         path = self.folder / "log.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def checkpoint(self, tokens: int, prompt: torch.Tensor, record: dict) -> None:
+    def checkpoint(self, tokens: int, tensors: dict[str, torch.Tensor], record: dict, kind: str = "prompt") -> None:
         (self.folder / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_file(
-            {"prompt": prompt.detach().cpu().contiguous()},
-            self.folder / "checkpoints" / f"prompt-{tokens}.safetensors",
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            self.folder / "checkpoints" / f"{kind}-{tokens}.safetensors",
             metadata={k: str(v) for k, v in record.items()},
         )
 
@@ -208,36 +237,65 @@ def train_prompt(
     max_steps: int | None = None,
     progress: bool = True,
 ) -> RunState:
-    """Train (or resume) one prompt; return the run's state. Stops at the budget, on early stopping, after
-    `max_seconds` or `max_steps` steps of this call (state saved: run again to resume), or when the teacher
+    """Train (or resume) one prompt started at `init`; return the run's state (see `train`)."""
+    return train(prompt_trainable(student, init), general, spec, run, dev, domain, max_seconds, max_steps, progress)
+
+
+def state_key(kind: str, name: str, single: bool) -> str:
+    """A tensor's name in `state.safetensors`: a parameter's own name, or `<kind>.<name>` for its best value
+    ("best") and Adam moments ("exp_avg", "exp_avg_sq"); a one-parameter run (a prompt) drops the suffix."""
+    if kind == "value":
+        return name
+    return kind if single else f"{kind}.{name}"
+
+
+def _check_state(run: RunFolder, tensors: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter]) -> None:
+    """Refuse saved tensors that are not this run's parameters (names and shapes), before any is loaded."""
+    single = len(params) == 1
+    kinds = ("value", "best", "exp_avg", "exp_avg_sq")
+    expected = {state_key(kind, name, single): tuple(p.shape) for name, p in params.items() for kind in kinds}
+    found = {name: tuple(t.shape) for name, t in tensors.items() if name != "adam_step"}
+    if found != expected:
+        wrong = sorted(set(found.items()) ^ set(expected.items()))[:4]
+        raise ValueError(f"{run.folder}/state.safetensors holds other parameters than this run trains, e.g. {wrong}")
+
+
+def train(
+    trainable: Trainable,
+    general: Supervision,
+    spec: RecipeSpec,
+    run: RunFolder,
+    dev: Supervision | None = None,
+    domain: Supervision | None = None,
+    max_seconds: float = math.inf,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> RunState:
+    """Train (or resume) `trainable`'s parameters; return the run's state. Stops at the budget, on early stopping,
+    after `max_seconds` or `max_steps` steps of this call (state saved: run again to resume), or when the teacher
     cache lacks a shard it needs."""
     deadline = time.monotonic() + max_seconds
-    device = student.device
+    device, params = trainable.device, trainable.params
+    single = len(params) == 1
     seq_len = general.blocks.shape[1]
     steps = total_steps(spec, seq_len)
-    prompt = torch.nn.Parameter(init.clone().float().to(device))
-    optimizer = torch.optim.Adam([prompt], lr=spec.lr)
+    optimizer = torch.optim.Adam(list(params.values()), lr=spec.lr)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, spec.warmup_steps, steps, min_lr_rate=spec.min_lr_rate
     )
-    best = prompt.detach().clone()
+    best = {name: p.detach().clone() for name, p in params.items()}
     state = RunState()
     if (saved := run.load()) is not None:
         state, tensors = saved
-        prompt.data.copy_(tensors["prompt"].to(device))
-        best = tensors["best"].to(device)
-        optimizer.load_state_dict(
-            {
-                "state": {
-                    0: {
-                        "step": tensors["adam_step"],
-                        "exp_avg": tensors["exp_avg"].to(device),
-                        "exp_avg_sq": tensors["exp_avg_sq"].to(device),
-                    }
-                },
-                "param_groups": state.param_groups,
+        _check_state(run, tensors, params)
+        adam = {}
+        for i, (name, p) in enumerate(params.items()):
+            p.data.copy_(tensors[state_key("value", name, single)].to(device))
+            best[name] = tensors[state_key("best", name, single)].to(device)
+            adam[i] = {"step": tensors["adam_step"].clone()} | {
+                moment: tensors[state_key(moment, name, single)].to(device) for moment in ("exp_avg", "exp_avg_sq")
             }
-        )
+        optimizer.load_state_dict({"state": adam, "param_groups": state.param_groups})
         scheduler.load_state_dict(state.scheduler)
         run.trim_log(state.step)
     if state.done is not None:
@@ -248,19 +306,18 @@ def train_prompt(
     losses: list[float] = []
 
     def save() -> None:
-        adam = optimizer.state[prompt]
         state.scheduler, state.param_groups = scheduler.state_dict(), optimizer.state_dict()["param_groups"]
-        run.save(
-            state,
-            {
-                "prompt": prompt,
-                "best": best,
-                "exp_avg": adam["exp_avg"],
-                "exp_avg_sq": adam["exp_avg_sq"],
+        tensors: dict[str, torch.Tensor] = {}
+        for name, p in params.items():
+            adam = optimizer.state[p]
+            tensors |= {
+                state_key("value", name, single): p,
+                state_key("best", name, single): best[name],
+                state_key("exp_avg", name, single): adam["exp_avg"],
+                state_key("exp_avg_sq", name, single): adam["exp_avg_sq"],
                 "adam_step": adam["step"],
-            },
-            pending,
-        )
+            }
+        run.save(state, tensors, pending)
         pending.clear()
 
     bar = tqdm(total=steps, initial=state.step, desc=run.folder.name, disable=not progress)
@@ -271,7 +328,7 @@ def train_prompt(
             save()
             print(f"waiting for the teacher cache: {error}", flush=True)
             return state
-        loss = kd_loss(prompted_logits(student, prompt, ids.to(device)), targets.to(device)).mean()
+        loss = kd_loss(trainable.logits(ids.to(device)), targets.to(device)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -284,15 +341,17 @@ def train_prompt(
         crossed = [c for c in spec.checkpoints if tokens - spec.batch_size * seq_len < c <= tokens]
         line: dict = {"step": state.step, "tokens": tokens, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]}
         if dev is not None and (state.step % spec.eval_every == 0 or crossed or state.step == steps):
-            line["dev_kl"] = dev_kl(student, prompt.detach(), dev, spec.dev_blocks, spec.batch_size)
+            line["dev_kl"] = mean_kl(trainable.logits, dev, spec.dev_blocks, spec.batch_size, device)
             if state.best_dev is None or line["dev_kl"] < state.best_dev:
-                state.best_dev, state.bad_evals, best = line["dev_kl"], 0, prompt.detach().clone()
+                state.best_dev, state.bad_evals = line["dev_kl"], 0
+                best = {name: p.detach().clone() for name, p in params.items()}
             else:
                 state.bad_evals += 1
                 if state.bad_evals >= spec.patience:
                     state.done = "early stop"
         for c in crossed:
-            run.checkpoint(c, prompt, {"tokens": tokens, "step": state.step, "dev_kl": line.get("dev_kl")})
+            record = {"tokens": tokens, "step": state.step, "dev_kl": line.get("dev_kl")}
+            run.checkpoint(c, dict(params), record, trainable.kind)
         pending.append(line)
         if state.step == steps and state.done is None:
             state.done = "budget"
@@ -326,6 +385,58 @@ def _batch(
     return ids, targets
 
 
+def streams(
+    teacher_dir: Path, data_dir: Path, seq_len: int, sources: tuple[str, ...] = ()
+) -> tuple[TeacherCache, TeacherCache, TeacherCache | None]:
+    """The general stream, the dev set and the domain stream (None without `sources`) of a run: general train
+    text; with sources, their training text and their held-out text as the dev set (else general dev text).
+    Every method of the recipe (prompts, LoRA) reads its supervision from here, so all see the same targets.
+    Domain caches are built on demand (small: a few minutes of teacher forwards, done once)."""
+    from transformers import AutoTokenizer
+
+    from server.lab.corpus import domain_blocks
+    from server.lab.loading import freeze, load_model
+    from server.lab.teacher_cache import cache_for, general_cache
+
+    general = general_cache(teacher_dir, data_dir, "train", seq_len)
+    if not sources:
+        return general, general_cache(teacher_dir, data_dir, "dev", seq_len), None
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    domain, dev = (
+        cache_for(teacher_dir, data_dir, domain_blocks(tokenizer, sources, data_dir, seq_len, heldout=heldout))
+        for heldout in (False, True)
+    )
+    for cache in (domain, dev):
+        if not cache.complete():
+            cache.build(freeze(load_model(teacher_dir)))
+    return general, dev, domain
+
+
+def run_identity(
+    student_dir: Path,
+    seq_len: int,
+    general: TeacherCache,
+    dev: TeacherCache,
+    domain: TeacherCache | None,
+    sources: tuple[str, ...],
+    **extra: object,
+) -> dict:
+    """What a run trains against (recorded in spec.json next to the spec; a resume must match it): the student's
+    exact weights and the teacher caches' keys."""
+    from server.core.identity import verified_weights_digest
+
+    identity = {
+        "student": student_dir.name,
+        "student_weights_sha256": verified_weights_digest(student_dir),
+        "teacher_cache": general.folder.name,
+        "seq_len": seq_len,
+        **extra,
+    }
+    if domain is not None:
+        identity |= {"sources": list(sources), "domain_cache": domain.folder.name}
+    return identity | {"dev_cache": dev.folder.name}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train (or resume) one prompt of the recipe against the default compressed model; state in bench/runs/<run>/.
 
@@ -336,13 +447,9 @@ def main(argv: list[str] | None = None) -> None:
     """
     import argparse
 
-    from transformers import AutoTokenizer
-
     from server.core.config import Settings
-    from server.core.identity import DEFAULT_BASE, DEFAULT_MODEL, verified_weights_digest
-    from server.lab.corpus import domain_blocks
+    from server.core.identity import DEFAULT_BASE, DEFAULT_MODEL
     from server.lab.loading import freeze, load_model, torch_device
-    from server.lab.teacher_cache import cache_for, general_cache
 
     settings = Settings()
     parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,30 +479,10 @@ def main(argv: list[str] | None = None) -> None:
         checkpoints=tuple(int(c) for c in args.checkpoints.split(",") if c),
         domain_per_batch=args.domain_per_batch if domain_run else 0,
     )
-    general = general_cache(args.teacher, settings.data_dir, "train", args.seq_len)
-    dev = general_cache(args.teacher, settings.data_dir, "dev", args.seq_len)
-    domain = None
-    identity = {
-        "student": args.student.name,
-        "student_weights_sha256": verified_weights_digest(args.student),
-        "teacher_cache": general.folder.name,
-        "seq_len": args.seq_len,
-    }
-    if domain_run:
-        tokenizer, sources = AutoTokenizer.from_pretrained(args.teacher), tuple(args.sources.split(","))
-        domain = cache_for(
-            args.teacher, settings.data_dir, domain_blocks(tokenizer, sources, settings.data_dir, args.seq_len)
-        )
-        dev = cache_for(
-            args.teacher,
-            settings.data_dir,
-            domain_blocks(tokenizer, sources, settings.data_dir, args.seq_len, heldout=True),
-        )
-        for cache in (domain, dev):
-            if not cache.complete():  # small: a few minutes of teacher forwards, done once
-                cache.build(freeze(load_model(args.teacher)))
-        identity |= {"init_run": args.init_run, "sources": list(sources), "domain_cache": domain.folder.name}
-    identity["dev_cache"] = dev.folder.name
+    sources = tuple(args.sources.split(",")) if domain_run else ()
+    general, dev, domain = streams(args.teacher, settings.data_dir, args.seq_len, sources)
+    extra = {"init_run": args.init_run} if domain_run else {}
+    identity = run_identity(args.student, args.seq_len, general, dev, domain, sources, **extra)
     run = RunFolder(RUNS_DIR / args.run)
     run.start(spec, identity)
     student = freeze(load_model(args.student, device=torch_device(args.device)))
