@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from server.core.identity import verified_weights_digest
+from server.lab.evaluate.lora import recipe_lora_method
 from server.lab.lora_recipe import LoraSpec, load_lora, lora_model, lora_trainable, train_lora, trainable_parameters
 from server.lab.recipe import LiveTeacher, RunFolder, mean_kl
 from tests.test_recipe import VOCAB, tiny
@@ -109,9 +110,10 @@ def test_the_loaded_adapter_is_the_best_dev_adapter(streams, tmp_path: Path):
     model, trainable = load_lora(run.folder, compressed)
     assert trainable == trainable_parameters(student_with(lora))
     assert dev_loss(model, dev) == pytest.approx(state.best_dev, rel=1e-6)
-    merged, _ = load_lora(run.folder, compressed, merge=True)
+    method, record = recipe_lora_method(run.folder, compressed)  # merged, as the evaluation runs it
+    assert (method.name, method.trainable, record["best_dev"]) == ("lora-r4", trainable, state.best_dev)
+    assert not hasattr(method.model, "peft_config")
     ids = dev.blocks[:2]
-    assert not hasattr(merged, "peft_config")
-    torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(method.model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="trained on weights"):
         load_lora(run.folder, other)

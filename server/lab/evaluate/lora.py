@@ -1,5 +1,7 @@
-"""The LoRA baseline: the compressed model with a low-rank adapter on q/v, trained with the prompts' own loss,
-data and steps (`server.lab.train`), so the report compares repairs at a comparable parameter budget."""
+"""The LoRA baseline: the compressed model with a low-rank adapter on q/v, so the report compares repairs at a
+comparable parameter budget. Two sources: `lora_method` trains one live with the prompts' own loss, data and steps
+(`server.lab.train`, the small-budget evaluation); `recipe_lora_method` reads one trained by issue 17's recipe
+(`server.lab.lora_recipe`, bench/runs/<run>/) against the same cached teacher targets as the prompts."""
 
 from __future__ import annotations
 
@@ -14,9 +16,8 @@ from transformers import AutoTokenizer, PreTrainedModel
 from server.core.banks import PromptBank
 from server.lab.evaluate.methods import Method
 from server.lab.loading import freeze, load_model
+from server.lab.lora_recipe import LORA_TARGETS, load_lora
 from server.lab.train import Models, TrainSpec, batch_stream, loss_summary, prompt_loss, source_blocks
-
-LORA_TARGETS = ("q_proj", "v_proj")
 
 
 def train_lora(
@@ -78,3 +79,13 @@ def lora_method(
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     record = json.loads((folder / "record.json").read_text()) | {"adapter": str(folder)}
     return Method(f"lora-r{rank}", model.merge_and_unload().eval(), trainable=trainable), record
+
+
+def recipe_lora_method(run_dir: Path, student_dir: Path, device: torch.device | str = "cpu") -> tuple[Method, dict]:
+    """The best-dev adapter of a `lora_recipe` run, merged into the student, as a method named by its rank; the
+    record is the run's spec.json plus where the run stands (steps, best dev KL, why it ended)."""
+    model, trainable = load_lora(run_dir, student_dir, device, merge=True)
+    record = json.loads((run_dir / "spec.json").read_text())
+    state = json.loads((run_dir / "state.json").read_text())
+    record |= {"run": str(run_dir), **{k: state[k] for k in ("step", "best_dev", "done")}}
+    return Method(f"lora-r{record['spec']['rank']}", model, trainable=trainable), record
