@@ -111,6 +111,12 @@ def test_the_report_gives_dev_b_accuracy_the_majority_baseline_and_losses():
     assert report["chosen"]["dev_b"]["routing_accuracy"] == 1.0
     assert report["chosen"]["dev_b"]["mean_kd_loss"] == report["oracle_dev_b_mean_kd_loss"] == 0.5
     assert report["majority_baseline"]["prompt"] == "a"
+    assert report["best_fixed_prompt"]["prompt"] == "a", (
+        "oracle prompt has loss 0.5, others 1.0: 'a' is best on average"
+    )
+    assert report["best_fixed_prompt"]["chosen_minus_fixed_kd_loss_dev_b"]["mean"] == pytest.approx(
+        -0.5 * (oracle[in_b] != 0).mean()
+    )
     assert report["majority_baseline"]["dev_b"]["routing_accuracy"] == pytest.approx((oracle[in_b] == 0).mean())
     assert report["oracle_histogram"]["dev_b"] == {n: int((oracle[in_b] == k).sum()) for k, n in enumerate("abc")}
     assert sum(report["oracle_histogram_per_source"]["units"].values()) == report["inputs"]["per_source"]["units"]
