@@ -13,7 +13,15 @@ from safetensors.torch import load_file
 
 from server.core.identity import verified_weights_digest
 from server.lab.evaluate.lora import recipe_lora_method
-from server.lab.lora_recipe import LoraSpec, load_lora, lora_model, lora_trainable, train_lora, trainable_parameters
+from server.lab.lora_recipe import (
+    LoraSpec,
+    choose_lr,
+    load_lora,
+    lora_model,
+    lora_trainable,
+    train_lora,
+    trainable_parameters,
+)
 from server.lab.recipe import LiveTeacher, RunFolder, mean_kl
 from tests.test_recipe import VOCAB, tiny
 
@@ -117,3 +125,21 @@ def test_the_loaded_adapter_is_the_best_dev_adapter(streams, tmp_path: Path):
     torch.testing.assert_close(method.model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="trained on weights"):
         load_lora(run.folder, other)
+
+
+def test_the_learning_rate_is_chosen_on_dev_by_short_runs_that_start_the_full_run(streams, tmp_path: Path):
+    general, dev = streams
+    calls = []
+
+    def fit(lora: LoraSpec, run: RunFolder, max_steps: int):
+        calls.append(lora.lr)
+        return train_lora(student_with(lora), general, lora, run, dev=dev, max_steps=max_steps, progress=False)
+
+    chosen, grid = choose_lr([1e-2, 0.3], spec(), "r4", 8, fit, runs_dir=tmp_path)
+    assert grid.keys() == {"0.01", "0.3"} and grid[f"{chosen:g}"] == min(grid.values()), "the lowest dev KL wins"
+    assert choose_lr([1e-2, 0.3], spec(), "r4", 8, fit, runs_dir=tmp_path) == (chosen, grid), "resumed, not redone"
+    assert len(calls) == 2
+    full = RunFolder(tmp_path / "full")
+    chosen_spec = spec(lr=chosen)
+    train_lora(student_with(chosen_spec), general, chosen_spec, full, dev=dev, progress=False)
+    assert RunFolder(tmp_path / f"r4-lr{chosen:g}").log() == full.log()[:8], "the chosen short run starts the full run"

@@ -115,14 +115,16 @@ def load_lora(
 Fit = Callable[[LoraSpec, RunFolder, int], RunState]
 
 
-def choose_lr(grid: list[float], base: LoraSpec, run: str, steps: int, fit: Fit) -> tuple[float, dict] | None:
+def choose_lr(
+    grid: list[float], base: LoraSpec, run: str, steps: int, fit: Fit, runs_dir: Path = RUNS_DIR
+) -> tuple[float, dict] | None:
     """Short runs of the first `steps` steps, one per learning rate (run folders `<run>-lr<x>`, resumable), and
     the rate with the lowest best dev KL with every rate's; None while a short run is unfinished (time ran out).
     `fit(spec, folder, max_steps)` trains one. The short runs share the full run's schedule, so the chosen one
     is exactly the full run's beginning."""
     results: dict[str, float | None] = {}
     for lr in grid:
-        folder = RunFolder(RUNS_DIR / f"{run}-lr{lr:g}")
+        folder = RunFolder(runs_dir / f"{run}-lr{lr:g}")
         saved = folder.load()
         state = saved[0] if saved else RunState()
         if state.step < steps and state.done is None:
