@@ -7,6 +7,8 @@ One function, `train_prompt`, serves every prompt of issue 17's recipe:
   (`domain_per_batch` of each batch from the domain, the rest general), so a wrong pick costs little;
 - the **compute-matched single prompt**: the general prompt continued on the union of the bank's domains with
   the same mixing and the bank's total number of steps.
+Its loop, `train`, knows a method only as a `Trainable` (named parameters + the student's logits with them), so
+the LoRA baseline (`lora_recipe`) trains on the very same stream, targets, schedule and early stopping.
 
 Supervision is the base model's next-token distribution (`teacher_cache`): every method sees the same
 targets and training runs no teacher forward. Blocks are read in a fixed order (step s reads the next
