@@ -62,6 +62,12 @@ SOURCES: dict[str, tuple[str, ...]] = {
         "emoji_movie",
         "anachronisms",
     ),
+    # The recipe bank's domains (docs/evaluation-protocol.md section 3), written 2026-12-02 from the dev-split
+    # screening, before any of their training: one domain per damaged task of the primary pool. The transfer
+    # task (goal_inference) is in none of them, nor is any do-no-harm task.
+    "unit-names": ("unit_identification",),
+    "si-units": ("si_conversion",),
+    "unit-systems": ("different_systems",),
 }
 
 
