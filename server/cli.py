@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         AttentionSettings,
         CompressSettings,
         EvalInputs,
+        EvaluatePoolSettings,
         EvaluateSettings,
         PrepareSettings,
         TrainSettings,
@@ -122,6 +123,36 @@ def _evaluate(settings: EvaluateSettings) -> None:
     print(write_report(result, settings.out, _command_line()))
 
 
+def _evaluate_pool(settings: EvaluatePoolSettings) -> None:
+    import math
+
+    from server.core.identity import resolve
+    from server.lab.evaluate.pool import PoolInputs, evaluate_pool
+    from server.lab.loading import torch_device
+
+    inputs = PoolInputs(
+        screening=settings.screening,
+        base_dir=resolve(settings.base, settings.models_dir),
+        compressed_dir=resolve(settings.model, settings.models_dir),
+        bank_dir=settings.bank,
+        single_dir=settings.single,
+        lora_dirs=tuple(settings.lora),
+        data_dir=settings.data_dir,
+        out=settings.out,
+        split=settings.split,
+        cap=settings.cap,
+        dev_cap=settings.dev_cap,
+        general_tokens=settings.general_tokens,
+        general_block=settings.general_block,
+        device=torch_device(settings.device),
+        command=_command_line(),
+        bootstrap=settings.bootstrap,
+    )
+    out = evaluate_pool(inputs, settings.tasks, settings.max_seconds or math.inf, score=not settings.report_only)
+    if out is not None:
+        print(out.with_suffix(".md").read_text() + f"\n{out}")
+
+
 def _attention(settings: AttentionSettings) -> None:
     from server.lab.analysis import analyse
     from server.lab.report import write_attention
@@ -153,6 +184,9 @@ COMMANDS: dict[str, Command] = {
     "compress": Command(_compress, "compress a model with llm-compressor (GPTQ, SparseGPT, Wanda)"),
     "train": Command(_train, "train a prompt bank (or a single prompt) against a compressed model"),
     "evaluate": Command(_evaluate, "compare base, compressed, single prompt, IDP, forced prompts and LoRA"),
+    "evaluate-pool": Command(
+        _evaluate_pool, "the evaluation protocol on the screened pools: resumable, splittable, one report"
+    ),
     "attention": Command(_attention, "per-layer attention deviation from the base model"),
     "serve": Command(_serve, "serve the OpenAI-compatible API (vLLM engine flags after `--`)"),
 }

@@ -92,3 +92,28 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return float(centre - half), float(centre + half)
+
+
+def mean_interval(outcomes: Outcomes, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+    """Pooled mean (micro-average) with its stratified bootstrap 95% interval."""
+    return {"mean": pooled_mean(outcomes), "ci": _interval(resampled_means([outcomes], resamples, seed)[0])}
+
+
+def ratio_interval(
+    numerators: np.ndarray, denominators: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED
+) -> tuple[float, float]:
+    """95% interval of sum(numerators) / sum(denominators) over documents resampled with replacement.
+
+    Per-token means over text (KL, log-perplexity) are ratios of per-document sums: tokens of one document are
+    not independent, so the document is the unit resampled, and long documents keep their weight.
+    """
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    rng = np.random.default_rng(seed)
+    ratios = np.concatenate(
+        [
+            num[index].sum(axis=1) / den[index].sum(axis=1)
+            for start in range(0, resamples, CHUNK)
+            for index in [rng.integers(0, len(num), (min(CHUNK, resamples - start), len(num)))]
+        ]
+    )
+    return _interval(ratios)

@@ -98,6 +98,34 @@ class EvaluateSettings(EvalInputs):
     out: Path = Field(Path("reports/evaluate"), description="Report folder.")
 
 
+class EvaluatePoolSettings(Settings, OnDevice):
+    """The protocol's evaluation (docs/evaluation-protocol.md section 8) on the screened pools: every method on the
+    same examples, resumable (--max-seconds) and splittable (--tasks); the report once every piece is scored."""
+
+    screening: Path = Field(
+        Path("bench/runs/screening/screening.json"), description="The screening result naming the pools."
+    )
+    model: str = Field(DEFAULT_MODEL, description="The compressed model (folder or name).")
+    base: str = Field(DEFAULT_BASE, description="The uncompressed model (the reference and KL teacher).")
+    bank: Path = Field(Path("prompt_banks/default"), description="The IDP bank folder (each prompt is also forced).")
+    single: Path = Field(Path("prompt_banks/single"), description="The compute-matched single-prompt bank folder.")
+    lora: list[Path] = Field([], description="PEFT LoRA adapter folders on the compressed model (may be none).")
+    split: Literal["test", "dev"] = Field(
+        "test", description="Evaluated split: test for the one protocol run, dev for smoke runs."
+    )
+    cap: int = Field(400, ge=1, description="Examples per task (first in file order; raised for a 1,000 pool).")
+    dev_cap: int = Field(100, ge=1, description="Dev examples per pool task that choose the dev-chosen forced prompt.")
+    general_tokens: int = Field(20_000, ge=1, description="Held-out general tokens for KL and perplexity (at least).")
+    general_block: int = Field(256, ge=16, description="Tokens per scored block of a held-out document.")
+    tasks: list[str] | None = Field(
+        None, description="Score only these units: task names and/or 'general' (default: all); for two processes."
+    )
+    max_seconds: float | None = Field(None, gt=0, description="Stop scoring after this long; a rerun continues.")
+    report_only: CliImplicitFlag[bool] = Field(False, description="Score nothing; write the report if complete.")
+    bootstrap: int = Field(10_000, ge=100, description="Bootstrap resamples (the protocol fixes 10,000).")
+    out: Path = Field(Path("bench/runs/evaluation"), description="Shards and the report go here.")
+
+
 class AttentionSettings(EvalInputs):
     """Per-layer attention deviation of each repair from the base model (analysis)."""
 
@@ -113,6 +141,7 @@ LAB_COMMANDS: dict[str, type[Settings]] = {
     "compress": CompressSettings,
     "train": TrainSettings,
     "evaluate": EvaluateSettings,
+    "evaluate-pool": EvaluatePoolSettings,
     "attention": AttentionSettings,
 }
 """The settings model of each lab subcommand of `idp-serve`."""

@@ -1,0 +1,332 @@
+"""`idp-serve evaluate-pool`: the one command of docs/evaluation-protocol.md (section 8) on the screened pools.
+
+What it evaluates comes from the screening (`screening.json`: primary pool, transfer task, do-no-harm set); every
+method is scored on the same examples of every task. The work is cut into units (each task's evaluated split,
+each primary-pool task's dev pass for the dev-chosen forced prompt, the held-out general text), each kept in its
+own shard under `--out`: `--max-seconds` stops a run and the next one continues, and `--tasks` gives two
+processes disjoint units. When every unit is complete, the report (`protocol.py`) is written from the shards.
+Refused: test examples found in a training source, a transfer task that a training source contains, and shards
+measured on other weights, banks or examples than the inputs given.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoTokenizer
+
+from server.core.banks import PromptBank, load_bank
+from server.core.identity import fingerprint, verified_weights_digest
+from server.core.selection import bank_selector, prepare_selection_model
+from server.lab.corpus import SOURCES
+from server.lab.evaluate.examples import EvalExample
+from server.lab.evaluate.leaks import leaked_examples
+from server.lab.evaluate.outcomes import Deadline, Scorer, ScoringSet, Shard, example_record, text_record
+from server.lab.evaluate.protocol import Pools, markdown, report
+from server.lab.general_text import documents
+from server.lab.loading import freeze, load_model
+from server.lab.tasks import chance as task_chance
+from server.lab.tasks import task_split
+
+MIN_POOL = 1_000
+CAP_STEP = 100
+DOC_BLOCKS = 2
+GENERAL = "general"
+"""The unit name of the held-out general text (for `--tasks`)."""
+
+
+@dataclass(frozen=True)
+class PoolInputs:
+    """Everything the evaluation depends on: folders, the screening, the caps, where shards go."""
+
+    screening: Path
+    base_dir: Path
+    compressed_dir: Path
+    bank_dir: Path
+    single_dir: Path
+    lora_dirs: tuple[Path, ...]
+    data_dir: Path
+    out: Path
+    split: Literal["test", "dev"] = "test"
+    cap: int = 400
+    dev_cap: int = 100
+    general_tokens: int = 20_000
+    general_block: int = 256
+    device: torch.device | str = "cpu"
+    command: str = ""
+    bootstrap: int = 10_000
+    pools: Pools = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pools", Pools.from_screening(self.screening))
+
+    def effective_cap(self) -> int:
+        """Amendment 1: the per-task test cap, raised in steps of 100 until the primary pool holds >= 1,000
+        examples (or every example of it); a dev smoke run keeps the cap it is given."""
+        if self.split != "test":
+            return self.cap
+        sizes = [len(task_split(t, self.split)) for t in self.pools.primary]
+        cap = self.cap
+        while sum(min(cap, n) for n in sizes) < MIN_POOL and cap < max(sizes, default=0):
+            cap += CAP_STEP
+        return cap
+
+    def describe(self) -> dict:
+        """The inputs as recorded in the report (paths as given, the caps, the split)."""
+        return {
+            "screening": str(self.screening),
+            "base": str(self.base_dir),
+            "compressed": str(self.compressed_dir),
+            "bank": str(self.bank_dir),
+            "single": str(self.single_dir),
+            "lora": [str(d) for d in self.lora_dirs],
+            "split": self.split,
+            "cap": self.cap,
+            "effective_cap": self.effective_cap(),
+            "dev_cap": self.dev_cap,
+            "general_tokens": self.general_tokens,
+            "general_block": self.general_block,
+            "bootstrap": self.bootstrap,
+        }
+
+    def units(self) -> list[tuple[str, str]]:
+        """(kind, task) of every unit: each task's evaluated split, each pool task's dev pass, general text."""
+        tasks = [("eval", t) for t in self.pools.tasks]
+        return tasks + [("dev-choice", t) for t in self.pools.primary] + [(GENERAL, GENERAL)]
+
+    def shard_path(self, kind: str, task: str) -> Path:
+        name = f"eval-{self.split}" if kind == "eval" else kind
+        return self.out / "shards" / name / f"{task}.json"
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over a folder's files (names and bytes, sorted): a bank's manifest and prompts, an adapter."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def fingerprints(inputs: PoolInputs) -> dict[str, str | None]:
+    """Weights digests of the models, file digests of the banks, adapters and screening: a shard is tied to them."""
+    return {
+        "base": verified_weights_digest(inputs.base_dir),
+        "compressed": verified_weights_digest(inputs.compressed_dir),
+        "bank": folder_digest(inputs.bank_dir),
+        "single": folder_digest(inputs.single_dir),
+        **{f"lora:{d.name}": folder_digest(d) for d in inputs.lora_dirs},
+        "screening": hashlib.sha256(inputs.screening.read_bytes()).hexdigest(),
+    }
+
+
+def load_banks(inputs: PoolInputs) -> tuple[PromptBank, PromptBank]:
+    """The IDP bank and the single prompt, each verified against the compressed model's fingerprint."""
+    model_print = fingerprint(inputs.compressed_dir)
+    return load_bank(inputs.bank_dir, expect=model_print), load_bank(inputs.single_dir, expect=model_print)
+
+
+def check_sources(inputs: PoolInputs, banks: tuple[PromptBank, ...], examples: list[EvalExample]) -> None:
+    """Refuse evaluated examples found in a training source, and a transfer task a training source contains.
+
+    The sources are those the banks' manifests name (every `corpus.SOURCES` domain when one names none), so a
+    check never passes because a manifest forgot to say what it trained on.
+    """
+    names = sorted({s for b in banks for s in b.manifest.trained.get("sources", SOURCES)})
+    transfer = inputs.pools.transfer
+    if transfer is not None and (holders := [s for s in names if transfer in SOURCES.get(s, ())]):
+        raise ValueError(f"transfer task {transfer} is in the training source(s) {', '.join(holders)}")
+    if leaks := leaked_examples(names, examples, inputs.data_dir):
+        raise ValueError(f"evaluated examples found in training data ({len(leaks)}): {', '.join(leaks[:10])}")
+
+
+def evaluated_examples(inputs: PoolInputs) -> list[EvalExample]:
+    """The evaluated examples of every task: the first `effective_cap` of its split, in file order."""
+    cap = inputs.effective_cap()
+    return [(t, i, e) for t in inputs.pools.tasks for i, e in enumerate(task_split(t, inputs.split, cap))]
+
+
+def general_items(tokenizer, inputs: PoolInputs) -> list[tuple[str, list[int]]]:
+    """(document id, token ids) blocks of the held-out general slice: documents in the order of a hash of their
+    id (a fair mix of the sources), the first DOC_BLOCKS blocks of `general_block` tokens of each (a last piece
+    of >= 16 kept; no single long article outweighs the rest), until >= `general_tokens` predicted tokens."""
+    docs = sorted(documents(inputs.data_dir, "heldout"), key=lambda d: hashlib.sha256(d.doc_id.encode()).hexdigest())
+    items, total = [], 0
+    for doc in docs:
+        if total >= inputs.general_tokens:
+            break
+        ids = tokenizer(doc.text)["input_ids"][: DOC_BLOCKS * inputs.general_block]
+        for start in range(0, len(ids), inputs.general_block):
+            block = ids[start : start + inputs.general_block]
+            if len(block) >= 16:
+                items.append((doc.doc_id, block))
+                total += len(block) - 1
+    return items
+
+
+def load_scoring(inputs: PoolInputs, bank: PromptBank, single: PromptBank) -> ScoringSet:
+    """The base model, every directly scored method (compressed, single, forced prompts, LoRAs) and IDP's
+    selector over the bank (the manifest's selection rule, as the server selects), on the inputs' device."""
+    base = Scorer("base", freeze(load_model(inputs.base_dir, inputs.device)))
+    compressed = prepare_selection_model(load_model(inputs.compressed_dir, inputs.device))
+    prompts = bank.embeddings.to(compressed.device)
+    scorers = [
+        Scorer("compressed", compressed),
+        Scorer("single", compressed, single.embeddings[0].to(compressed.device)),
+        *(Scorer(f"forced:{name}", compressed, prompts[k]) for k, name in enumerate(bank.prompt_names)),
+        *(lora_scorer(inputs, folder) for folder in inputs.lora_dirs),
+    ]
+    return ScoringSet(base, scorers, bank_selector(compressed, bank), bank.prompt_names)
+
+
+def trainable_parameters(inputs: PoolInputs, bank: PromptBank, single: PromptBank) -> dict[str, int]:
+    """What each method trained: one prompt (single, each forced), the bank (IDP), the adapter (LoRA)."""
+    from safetensors import safe_open
+
+    counts = {"base": 0, "compressed": 0, "single": single.embeddings.numel(), "idp": bank.embeddings.numel()}
+    counts |= {f"forced:{name}": bank.m * bank.hidden_size for name in bank.prompt_names}
+    for folder in inputs.lora_dirs:
+        with safe_open(folder / "adapter_model.safetensors", framework="pt") as f:
+            counts[f"lora:{folder.name}"] = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return counts
+
+
+def lora_scorer(inputs: PoolInputs, folder: Path) -> Scorer:
+    """The compressed model with a PEFT LoRA adapter folder merged in (inference is then one plain forward)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(freeze(load_model(inputs.compressed_dir, inputs.device)), folder)
+    return Scorer(f"lora:{folder.name}", model.merge_and_unload().eval())
+
+
+def scored_names(inputs: PoolInputs, bank: PromptBank) -> list[str]:
+    """The directly scored methods besides base, in scoring order (IDP is looked up, never scored)."""
+    forced = [f"forced:{name}" for name in bank.prompt_names]
+    return ["compressed", "single", *forced, *(f"lora:{d.name}" for d in inputs.lora_dirs)]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of the evaluation with its own shard: `items` are examples or (document id, token ids) blocks."""
+
+    kind: str
+    task: str
+    split: str
+    items: list
+    methods: list[str]
+
+    def scoring(self, full: ScoringSet) -> ScoringSet:
+        """The dev pass scores the forced prompts alone; the others every method."""
+        if self.kind != "dev-choice":
+            return full
+        return ScoringSet(None, [s for s in full.scorers if s.name in self.methods], None, ())
+
+    def record(self, scoring: ScoringSet, tokenizer, index: int) -> dict:
+        if self.kind == GENERAL:
+            return text_record(scoring, *self.items[index])
+        return example_record(scoring, tokenizer, index, self.items[index])
+
+
+def plan(inputs: PoolInputs, bank: PromptBank, tokenizer) -> list[Unit]:
+    """Every unit of the evaluation, with its items and methods."""
+    scored, cap = scored_names(inputs, bank), inputs.effective_cap()
+    units = []
+    for kind, task in inputs.units():
+        if kind == GENERAL:
+            units.append(Unit(kind, task, "heldout", general_items(tokenizer, inputs), ["base", *scored, "idp"]))
+        elif kind == "eval":
+            units.append(Unit(kind, task, inputs.split, task_split(task, inputs.split, cap), ["base", *scored, "idp"]))
+        else:
+            forced = [m for m in scored if m.startswith("forced:")]
+            units.append(Unit(kind, task, "dev", task_split(task, "dev", inputs.dev_cap), forced))
+    return units
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The checked inputs of a run: fingerprints, banks (verified for the model, no leaks), tokenizer, units."""
+
+    prints: dict[str, str | None]
+    bank: PromptBank
+    single: PromptBank
+    tokenizer: object
+    units: list[Unit]
+
+
+def prepare(inputs: PoolInputs) -> Prepared:
+    """Fingerprint and check the inputs (refusing leaks and a transfer task in training data), plan the units."""
+    prints = fingerprints(inputs)
+    bank, single = load_banks(inputs)
+    check_sources(inputs, (bank, single), evaluated_examples(inputs))
+    tokenizer = AutoTokenizer.from_pretrained(inputs.compressed_dir)
+    return Prepared(prints, bank, single, tokenizer, plan(inputs, bank, tokenizer))
+
+
+def shard_for(inputs: PoolInputs, unit: Unit, prints: dict) -> Shard:
+    """The unit's shard, refused when it was measured on other inputs, methods or items."""
+    header = {
+        "unit": unit.kind,
+        "task": unit.task,
+        "split": unit.split,
+        "count": len(unit.items),
+        "methods": unit.methods,
+        "fingerprints": prints,
+        **(
+            {"general_block": inputs.general_block, "general_tokens": inputs.general_tokens}
+            if unit.kind == GENERAL
+            else {}
+        ),
+    }
+    return Shard(inputs.shard_path(unit.kind, unit.task), header)
+
+
+def run_units(inputs: PoolInputs, prepared: Prepared, only: list[str] | None, max_seconds: float) -> bool:
+    """Score the units of `only` (task names and/or "general"; None: all) until done or `max_seconds`; return
+    whether they are complete. Models load only when a unit needs scoring."""
+    deadline = Deadline(max_seconds)
+    full: ScoringSet | None = None
+    for unit in (u for u in prepared.units if only is None or u.task in only):
+        shard = shard_for(inputs, unit, prepared.prints)
+        if len(shard.records) >= len(unit.items):
+            continue
+        print(f"{unit.kind} {unit.task}: {len(shard.records)}/{len(unit.items)} done", flush=True)
+        full = full or load_scoring(inputs, prepared.bank, prepared.single)
+        record = functools.partial(unit.record, unit.scoring(full), prepared.tokenizer)
+        if not shard.fill(len(unit.items), record, deadline):
+            print(f"stopped in {unit.kind} {unit.task} after {max_seconds:.0f} s; run again to continue", flush=True)
+            return False
+    return True
+
+
+def evaluate_pool(inputs: PoolInputs, only: list[str] | None, max_seconds: float, score: bool = True) -> Path | None:
+    """Score what is missing of `only` (nothing when `score` is False), then, when every unit is complete, write
+    the report (`evaluation-<split>.json` with every outcome, and `.md`) under `out` and return the JSON's path;
+    None while units are missing (they are listed)."""
+    prepared = prepare(inputs)
+    if score and not run_units(inputs, prepared, only, max_seconds):
+        return None
+    shards = {(u.kind, u.task): shard_for(inputs, u, prepared.prints) for u in prepared.units}
+    if missing := [f"{k} {t}" for (k, t), s in shards.items() if len(s.records) < s.header["count"]]:
+        print(f"not complete yet: {', '.join(missing)}", flush=True)
+        return None
+    chance = {u.task: task_chance(u.items) for u in prepared.units if u.kind == "eval"}
+    trainable = trainable_parameters(inputs, prepared.bank, prepared.single)
+    summary = report(inputs.pools, {k: s.records for k, s in shards.items()}, chance, trainable, inputs.bootstrap)
+    out = inputs.out / f"evaluation-{inputs.split}.json"
+    body = {
+        "command": inputs.command,
+        "protocol": "docs/evaluation-protocol.md",
+        "inputs": inputs.describe(),
+        "fingerprints": prepared.prints,
+        "summary": summary,
+        "shards": [{"header": s.header, "records": s.records} for s in shards.values()],
+    }
+    out.write_text(json.dumps(body))
+    out.with_suffix(".md").write_text(markdown(summary, inputs.command))
+    return out
