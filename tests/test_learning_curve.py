@@ -14,8 +14,7 @@ from server.lab.loading import freeze, load_model
 from server.lab.recipe import LiveTeacher, RecipeSpec, RunFolder, dev_kl, sampled_init, train_prompt
 
 
-def test_points_per_checkpoint_resume_and_plot(tiny_llama: Path, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(learning_curve, "DEV_TASK_LIMIT", 4)
+def test_points_per_checkpoint_resume_and_plot(tiny_llama: Path, tmp_path: Path):
     teacher = freeze(load_model(tiny_llama))
     student = freeze(load_model(tiny_llama))
     with torch.no_grad():
@@ -36,13 +35,16 @@ def test_points_per_checkpoint_resume_and_plot(tiny_llama: Path, tmp_path: Path,
     run = RunFolder(tmp_path)
     train_prompt(student, sampled_init(student, general.blocks, 4, 0), general, spec, run, dev=dev, progress=False)
 
-    points = learning_curve.measure(tmp_path, student, tokenizer, dev, 4, ["strategyqa"], float("inf"))
+    points = learning_curve.measure(tmp_path, student, tokenizer, dev, 4, ["strategyqa"], float("inf"), dev_limit=4)
     assert [p["tokens"] for p in points] == [0, 32, 192]
     empty = torch.zeros(0, student.config.hidden_size)
     assert points[0]["dev_kl"] == pytest.approx(dev_kl(student, empty, dev, 4, 4))
     assert points[0]["dev_kl_tokens"] == 4 * 15 and 0 <= points[1]["dev_acc"]["strategyqa"] <= 1
     written = (tmp_path / "curve.json").stat().st_mtime_ns
-    assert learning_curve.measure(tmp_path, student, tokenizer, dev, 4, ["strategyqa"], float("inf")) == points
+    assert (
+        learning_curve.measure(tmp_path, student, tokenizer, dev, 4, ["strategyqa"], float("inf"), dev_limit=4)
+        == points
+    )
     assert (tmp_path / "curve.json").stat().st_mtime_ns == written, "measured points are not measured again"
     assert json.loads((tmp_path / "curve.json").read_text()) == points
     learning_curve.plot(points, tmp_path / "curve.png", {"strategyqa": {"base": 0.6}})

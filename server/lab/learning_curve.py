@@ -32,18 +32,28 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path | None]]:
     return [(0, None), *((int(p.stem.split("-")[1]), p) for p in files)]
 
 
-def task_accuracy(model, tokenizer, task: str, prompt: torch.Tensor | None) -> float:
-    """Dev accuracy (log-likelihood multiple choice, first DEV_TASK_LIMIT dev examples) behind `prompt`."""
+def task_accuracy(model, tokenizer, task: str, prompt: torch.Tensor | None, limit: int = DEV_TASK_LIMIT) -> float:
+    """Dev accuracy (log-likelihood multiple choice, first `limit` dev examples) behind `prompt`."""
     from server.lab.evaluate.scoring import mc_accuracy
 
-    return mc_accuracy(model, tokenizer, task_split(task, "dev", DEV_TASK_LIMIT), prompt)
+    return mc_accuracy(model, tokenizer, task_split(task, "dev", limit), prompt)
 
 
-def measure(run_dir: Path, student, tokenizer, dev, dev_blocks: int, tasks: list[str], deadline: float) -> list[dict]:
-    """Measure every checkpoint not yet in curve.json (saving after each); return all points."""
+def measure(
+    run_dir: Path,
+    student,
+    tokenizer,
+    dev,
+    dev_blocks: int,
+    tasks: list[str],
+    deadline: float,
+    dev_limit: int = DEV_TASK_LIMIT,
+) -> list[dict]:
+    """Measure every checkpoint not yet in curve.json for these tasks and dev limit (saving after each); return all
+    points."""
     path = run_dir / "curve.json"
     points = json.loads(path.read_text()) if path.exists() else []
-    done = {p["tokens"] for p in points if set(tasks) <= set(p["dev_acc"])}
+    done = {p["tokens"] for p in points if set(tasks) <= set(p["dev_acc"]) and p.get("dev_limit") == dev_limit}
     for tokens, file in checkpoints(run_dir):
         if tokens in done or time.monotonic() > deadline:
             continue
@@ -53,7 +63,8 @@ def measure(run_dir: Path, student, tokenizer, dev, dev_blocks: int, tasks: list
             "tokens": tokens,
             "dev_kl": dev_kl(student, empty if prompt is None else prompt, dev, dev_blocks, 4),
             "dev_kl_tokens": min(dev_blocks, len(dev.blocks)) * (dev.blocks.shape[1] - 1),
-            "dev_acc": {t: task_accuracy(student, tokenizer, t, prompt) for t in tasks},
+            "dev_limit": dev_limit,
+            "dev_acc": {t: task_accuracy(student, tokenizer, t, prompt, dev_limit) for t in tasks},
         }
         points = sorted([p for p in points if p["tokens"] != tokens] + [point], key=lambda p: p["tokens"])
         path.write_text(json.dumps(points, indent=1))
@@ -96,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", required=True, help="Comma-separated damaged tasks (from screening.json).")
     parser.add_argument("--teacher", type=Path, default=settings.models_dir / DEFAULT_BASE)
     parser.add_argument("--dev-blocks", type=int, default=10_000, help="Dev blocks for the KL (default: all).")
+    parser.add_argument("--dev-limit", type=int, default=DEV_TASK_LIMIT, help="First N dev examples per task.")
     parser.add_argument("--max-seconds", type=float, default=math.inf)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -117,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         args.dev_blocks,
         args.tasks.split(","),
         time.monotonic() + args.max_seconds,
+        args.dev_limit,
     )
     screening = RUNS_DIR / "screening" / "screening.json"
     reference = {r["task"]: r for r in json.loads(screening.read_text())["tasks"]} if screening.exists() else None
