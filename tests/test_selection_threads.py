@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from server.core.selection import CachedSelector, ReferenceSelector, Selection, 
 from server.online import cpus
 from server.online.placement import PassThreads, ThreadSwitch, selection_threads
 from server.online.selection_queue import SelectionQueue
-from tests.helpers import micro_llama
+from tests.helpers import micro_llama, random_bank, start_server
 
 ATOL = 1e-5
 """The reference tests' tolerance (tests/test_selection.py)."""
@@ -145,3 +146,15 @@ def test_scores_equal_the_reference_and_the_choice_is_the_same_at_any_thread_cou
         torch.set_num_threads(threads)
         torch.testing.assert_close(cached.scores(batch), reference, atol=ATOL, rtol=0, msg=f"{threads} threads")
         assert [s.index for s in cached.select(batch)] == reference.argmax(1).tolist(), f"{threads} threads"
+
+
+@pytest.mark.slow
+@needs_two_cpus
+def test_the_server_switches_on_its_own_engines_request_count(tiny_llama: Path, tmp_path: Path) -> None:
+    """Wiring: the served queue reads the live engine's count, and a dynamic request is answered through it."""
+    with start_server(tiny_llama, tmp_path, [random_bank(tiny_llama, "tiny", k=3, m=4, seed=0)]) as live:
+        switch = live.app.state.completion_serving.selection.threads
+        assert switch is not None and switch.idle.cpus == EVERY and switch.idle.count == len(EVERY)
+        assert switch.engine_requests == live.engine.unfinished_requests and switch.engine_requests() == 0
+        answer = live.post("/v1/completions", {"model": tiny_llama.name, "prompt": "The river", "max_tokens": 2})
+        assert answer.status_code == 200 and answer.json()["choices"][0]["idp"]["prompt"].startswith("tiny-p")

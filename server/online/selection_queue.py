@@ -90,6 +90,11 @@ class SelectionQueue:
         self._worker = asyncio.create_task(self._supervise(), name="idp-selection-queue")
 
     @property
+    def threads(self) -> ThreadSwitch | None:
+        """How each pass's threads are chosen (None: left as they are)."""
+        return self._threads
+
+    @property
     def failed(self) -> bool:
         """True once the worker has died (it is not restarted: a bug that killed it once would again)."""
         return self._failure is not None
