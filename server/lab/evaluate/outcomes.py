@@ -78,8 +78,10 @@ def score_choices(
     hidden = _hidden(scorer.model, ids, scorer.prompt)
     first = len(context) - 1
     logprobs = _logprobs(scorer.model, hidden[:, first : width - 1])
+    device = logprobs.device
     scores = [
-        float(logprobs[i, torch.arange(len(c)), torch.tensor(c, dtype=torch.long)].sum()) for i, c in enumerate(choices)
+        float(logprobs[i, torch.arange(len(c), device=device), torch.tensor(c, dtype=torch.long, device=device)].sum())
+        for i, c in enumerate(choices)
     ]
     if answer is None:
         return scores, None
@@ -145,7 +147,8 @@ def text_record(scoring: ScoringSet, doc: str, ids: list[int]) -> dict:
     reference = None
     for scorer in [scoring.base, *scoring.scorers]:
         logprobs = _logprobs(scorer.model, _hidden(scorer.model, row, scorer.prompt)[0, :-1])
-        record["nll"][scorer.name] = -float(logprobs[torch.arange(len(targets)), targets.to(logprobs.device)].sum())
+        positions = torch.arange(len(targets), device=logprobs.device)
+        record["nll"][scorer.name] = -float(logprobs[positions, targets.to(logprobs.device)].sum())
         reference = logprobs if reference is None else reference
         record["kl"][scorer.name] = kl_sum(reference, logprobs)
     if scoring.selector is not None:
