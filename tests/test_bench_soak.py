@@ -64,7 +64,7 @@ def test_a_short_soak_samples_every_server_process_under_mixed_traffic(tiny_llam
     assert report["errors"] == 0 and report["malloc_arena_max"] == 2
     assert set(report["counts"]) == {"scoring", "generation", "none", "stream"}, report["counts"]
     processes = report["processes"]
-    lasting = {name.split(":")[0] for name, p in processes.items() if p["samples"] >= 5}
+    lasting = {name.rsplit(":", 1)[0] for name, p in processes.items() if p["samples"] >= 5}
     assert {"idp-serve", "VLLM::EngineCore"} <= lasting, (
         f"the server and its engine core, sampled throughout: {processes}"
     )
