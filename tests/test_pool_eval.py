@@ -10,18 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from server.core.banks import make_bank, save_bank
 from server.core.config import Settings
-from server.core.identity import fingerprint
+from server.core.identity import fingerprint, verified_weights_digest
 from server.core.selection import bank_selector, prepare_selection_model
 from server.lab.evaluate import outcomes
 from server.lab.evaluate.pool import PoolInputs, evaluate_pool
 from server.lab.evaluate.protocol import Pools, markdown, report
 from server.lab.evaluate.scoring import choice_logprobs
-from server.lab.loading import load_model
+from server.lab.loading import freeze, load_model
+from server.lab.lora_recipe import LoraSpec, lora_model
 from server.lab.pooled import ratio_interval
+from server.lab.recipe import state_key
 from server.lab.tasks import task_split
 from tests import helpers
 
@@ -147,7 +150,10 @@ def test_general_text_kl_and_perplexity_are_per_token_over_documents():
 def test_the_table_has_one_row_per_method_with_its_cost():
     table = markdown(constructed(), "idp-serve evaluate-pool")
     idp = next(line for line in table.splitlines() if line.startswith("| + IDP |"))
-    assert "| 100.0 [100.0, 100.0] |" in idp and "| 0.600 |" not in idp and "| 128 | 0.0100 |" in idp
+    # pooled acc with its CI, FGR, agreement, KL per token (1.8 / 30), ppl exp(36 / 30), bank size, selection
+    assert idp.startswith(
+        "| + IDP | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100.0 | 0.060 | 3.3 | 128 | 0.0100 |"
+    )
     assert "| + best forced, dev-chosen (b) |" in table
 
 
@@ -157,22 +163,29 @@ TRAINED = {"sources": ["howto"]}
 POOLS = {"primary_pool": ["si_conversion", "unit_identification"], "transfer_task": "different_systems"}
 
 
+def lora_run(compressed: Path, folder: Path) -> None:
+    """A LoRA run folder as `lora_recipe` leaves it (spec.json, the best adapter in state.safetensors), with a
+    random rank-2 adapter so that it changes the model."""
+    spec = LoraSpec(rank=2)
+    params = {n: p for n, p in lora_model(freeze(load_model(compressed)), spec).named_parameters() if p.requires_grad}
+    folder.mkdir()
+    best = {state_key("best", n, False): torch.randn_like(p) * 0.05 for n, p in params.items()}
+    save_file(best, folder / "state.safetensors")
+    record = {"method": "lora", "student_weights_sha256": verified_weights_digest(compressed)}
+    (folder / "spec.json").write_text(json.dumps(record | {"spec": spec.model_dump(mode="json")}))
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 'compressed' tiny model (another seed), its bank of 3 prompts and single prompt, a LoRA adapter, and a
     screening result naming four dev-split tasks."""
-    from peft import LoraConfig, get_peft_model
-
     root = tmp_path_factory.mktemp("pool")
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     compressed = helpers.tiny_llama_folder(root / "compressed", tokenizer, seed=1)
     torch.manual_seed(0)
     bank = make_bank("b", torch.randn(3, 4, 128) * 0.05, ["p0", "p1", "p2"], fingerprint(compressed), TRAINED)
     single = make_bank("s", torch.randn(1, 4, 128) * 0.05, ["s"], fingerprint(compressed), TRAINED)
-    lora = get_peft_model(
-        load_model(compressed), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
-    lora.save_pretrained(root / "lora-r2")
+    lora_run(compressed, root / "lora-r2")
     screening = root / "screening.json"
     screening.write_text(json.dumps(POOLS | {"do_no_harm": ["chained_conversion"]}))
     return {

@@ -109,7 +109,7 @@ class EvaluatePoolSettings(Settings, OnDevice):
     base: str = Field(DEFAULT_BASE, description="The uncompressed model (the reference and KL teacher).")
     bank: Path = Field(Path("prompt_banks/default"), description="The IDP bank folder (each prompt is also forced).")
     single: Path = Field(Path("prompt_banks/single"), description="The compute-matched single-prompt bank folder.")
-    lora: list[Path] = Field([], description="PEFT LoRA adapter folders on the compressed model (may be none).")
+    lora: list[Path] = Field([], description="LoRA run folders (server.lab.lora_recipe) on the compressed model.")
     split: Literal["test", "dev"] = Field(
         "test", description="Evaluated split: test for the one protocol run, dev for smoke runs."
     )

@@ -23,6 +23,7 @@ from time import monotonic
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from server.core.selection import CachedSelector
@@ -191,7 +192,8 @@ class Shard:
     def fill(self, count: int, record: Callable[[int], dict], deadline: Deadline) -> bool:
         """Append records up to `count` (saving every SAVE_EVERY) until done or past `deadline`; return whether
         the shard is complete."""
-        for i in range(len(self.records), count):
+        done = len(self.records)
+        for i in tqdm(range(done, count), desc=self.path.stem, initial=done, total=count):
             if deadline.passed():
                 break
             self.records.append(record(i))

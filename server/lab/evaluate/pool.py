@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +31,7 @@ from server.lab.evaluate.outcomes import Deadline, Scorer, ScoringSet, Shard, ex
 from server.lab.evaluate.protocol import Pools, markdown, report
 from server.lab.general_text import documents
 from server.lab.loading import freeze, load_model
+from server.lab.lora_recipe import load_lora
 from server.lab.tasks import chance as task_chance
 from server.lab.tasks import task_split
 
@@ -187,22 +187,17 @@ def load_scoring(inputs: PoolInputs, bank: PromptBank, single: PromptBank) -> Sc
 
 def trainable_parameters(inputs: PoolInputs, bank: PromptBank, single: PromptBank) -> dict[str, int]:
     """What each method trained: one prompt (single, each forced), the bank (IDP), the adapter (LoRA)."""
-    from safetensors import safe_open
-
     counts = {"base": 0, "compressed": 0, "single": single.embeddings.numel(), "idp": bank.embeddings.numel()}
     counts |= {f"forced:{name}": bank.m * bank.hidden_size for name in bank.prompt_names}
-    for folder in inputs.lora_dirs:
-        with safe_open(folder / "adapter_model.safetensors", framework="pt") as f:
-            counts[f"lora:{folder.name}"] = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    counts |= {f"lora:{d.name}": load_lora(d, inputs.compressed_dir)[1] for d in inputs.lora_dirs}
     return counts
 
 
-def lora_scorer(inputs: PoolInputs, folder: Path) -> Scorer:
-    """The compressed model with a PEFT LoRA adapter folder merged in (inference is then one plain forward)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(freeze(load_model(inputs.compressed_dir, inputs.device)), folder)
-    return Scorer(f"lora:{folder.name}", model.merge_and_unload().eval())
+def lora_scorer(inputs: PoolInputs, run_dir: Path) -> Scorer:
+    """The compressed model with the best-dev adapter of a LoRA run (`lora_recipe`) merged in: inference is one
+    plain forward, as a served merged adapter would be."""
+    model, _ = load_lora(run_dir, inputs.compressed_dir, inputs.device, merge=True)
+    return Scorer(f"lora:{run_dir.name}", model)
 
 
 def scored_names(inputs: PoolInputs, bank: PromptBank) -> list[str]:

@@ -45,9 +45,12 @@ class Pools:
             raise FileNotFoundError(f"{path}: no screening result (python -m server.lab.screening report)")
         data = json.loads(path.read_text())
         try:
-            return cls(tuple(data["primary_pool"]), data["transfer_task"], tuple(data["do_no_harm"]))
+            pools = cls(tuple(data["primary_pool"]), data["transfer_task"], tuple(data["do_no_harm"]))
         except KeyError as exc:
             raise ValueError(f"{path}: no field {exc} (written by python -m server.lab.screening report?)") from None
+        if not pools.primary:
+            raise ValueError(f"{path}: the primary pool is empty (no damaged task): there is nothing to evaluate")
+        return pools
 
     @property
     def tasks(self) -> list[str]:
@@ -286,7 +289,7 @@ def markdown(summary: dict, command: str) -> str:
         fgr = m["fgr"]
         fgr_text = f"{_pct(fgr['fgr'])} {_ci(fgr['ci'])}" if fgr["defined"] else "undefined (gap CI holds 0)"
         agree = _pct(m["agreement"]["agreement"]) if m["agreement"] else ""
-        text = general.get("idp" if key == "idp" else key)
+        text = general.get(key)
         kl, ppl = (f"{text['kl']:.3f}", f"{text['ppl']:.1f}") if text else ("", "")
         params = f"{cost['trainable'][key]:,}" if key in cost["trainable"] else ""
         select = f"{cost['selection_s']:.4f}" if key == "idp" else ""
@@ -304,6 +307,14 @@ def markdown(summary: dict, command: str) -> str:
             for name, t in summary["targets"].items()
         ),
     ]
+    if summary["secondary"]:
+        fgr = summary["secondary"]["methods"]["idp"]["fgr"]
+        lines += [
+            "",
+            f"Secondary (pool without {', '.join(t for t in PRESEEN if t in summary['pools']['primary'])}, seen "
+            "before the protocol): IDP FGR "
+            + (f"{_pct(fgr['fgr'])} {_ci(fgr['ci'])}" if fgr["defined"] else "undefined (gap CI holds 0)"),
+        ]
     if summary["transfer"]:
         idp = summary["transfer"]["idp"]
         lines += [
