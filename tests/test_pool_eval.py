@@ -299,6 +299,11 @@ def test_shards_measured_on_another_bank_are_refused(setup: dict, one_run: dict,
         evaluate_pool(changed, [shard["header"]["task"]], float("inf"))
 
 
+def test_a_unit_that_is_not_evaluated_is_refused_by_name(setup: dict, tmp_path: Path):
+    with pytest.raises(ValueError, match="--tasks: hyperbaton not evaluated here"):
+        evaluate_pool(inputs(setup, tmp_path, Settings()), ["hyperbaton"], float("inf"))
+
+
 def test_a_transfer_task_that_a_training_source_holds_is_refused(setup: dict, tmp_path: Path):
     screening = tmp_path / "screening.json"
     screening.write_text(json.dumps(POOLS | {"transfer_task": "step_inference", "do_no_harm": []}))

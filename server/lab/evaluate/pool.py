@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -303,6 +304,9 @@ def evaluate_pool(inputs: PoolInputs, only: list[str] | None, max_seconds: float
     """Score what is missing of `only` (nothing when `score` is False), then, when every unit is complete, write
     the report (`evaluation-<split>.json` with every outcome, and `.md`) under `out` and return the JSON's path;
     None while units are missing (they are listed)."""
+    known = {task for _, task in inputs.units()}
+    if only is not None and (unknown := [t for t in only if t not in known]):
+        raise ValueError(f"--tasks: {', '.join(unknown)} not evaluated here; the units are {', '.join(sorted(known))}")
     prepared = prepare(inputs)
     if score and not run_units(inputs, prepared, only, max_seconds):
         return None
@@ -322,6 +326,8 @@ def evaluate_pool(inputs: PoolInputs, only: list[str] | None, max_seconds: float
         "summary": summary,
         "shards": [{"header": s.header, "records": s.records} for s in shards.values()],
     }
-    out.write_text(json.dumps(body))
-    out.with_suffix(".md").write_text(markdown(summary, inputs.command))
+    for path, text in ((out, json.dumps(body)), (out.with_suffix(".md"), markdown(summary, inputs.command))):
+        tmp = path.with_suffix(".tmp")  # two processes finishing together each write the whole file, atomically
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return out
