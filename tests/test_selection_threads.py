@@ -26,6 +26,7 @@ from tests.helpers import micro_llama, random_bank, start_server
 ATOL = 1e-5
 """The reference tests' tolerance (tests/test_selection.py)."""
 EVERY = cpus.own_cpus()
+READ_CPU_QUOTA = cpus.cpu_quota
 needs_two_cpus = pytest.mark.skipif(len(EVERY) < 2, reason="switching needs a host with two CPUs or more")
 
 
@@ -48,6 +49,12 @@ class Recording:
     def select(self, batch: Sequence[Sequence[int]]) -> list[Selection]:
         self.seen.append((torch.get_num_threads(), frozenset(os.sched_getaffinity(0))))
         return [Selection(index=0, scores=(1.0,), margin=0.0, seconds=0.0) for _ in batch]
+
+
+@pytest.fixture(autouse=True)
+def no_cpu_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's own cgroup quota (if any) stays out of the tests that do not set one."""
+    monkeypatch.setattr(cpus, "cpu_quota", lambda: None)
 
 
 @pytest.fixture
@@ -84,7 +91,7 @@ def test_a_pass_uses_every_cpu_while_the_engine_is_idle_and_one_thread_off_its_w
     workers = frozenset({min(EVERY)})
     switch = selection_threads(None, 1, "cpu", engine.unfinished_requests, workers, pin_frontend=True)
     assert switch is not None
-    idle, busy = (len(EVERY), EVERY), (1, EVERY - workers)
+    idle, busy = (2, EVERY), (1, EVERY - workers)
     assert run_passes(switch, engine, [0, 3, 0, 1, 1]) == [idle, busy, idle, busy, busy]
 
 
@@ -102,20 +109,49 @@ def test_after_a_wide_pass_the_worker_and_torch_are_back_on_the_busy_setting(tor
 
 
 @needs_two_cpus
-def test_unpinned_frontend_keeps_every_cpu_when_busy_too(torch_threads: None) -> None:
+def test_idle_threads_default_to_the_busy_ones_plus_the_workers_cores_unpinned_too(torch_threads: None) -> None:
     engine = FakeEngine()
     switch = selection_threads(None, 1, "cpu", engine.unfinished_requests, frozenset({0}), pin_frontend=False)
-    assert switch is not None and switch.busy == PassThreads(1, EVERY) and switch.idle == PassThreads(len(EVERY), EVERY)
+    assert switch is not None and switch.busy == PassThreads(1, EVERY) and switch.idle == PassThreads(2, EVERY)
 
 
-def test_switching_is_off_when_set_to_one_thread_on_an_accelerator_or_when_nothing_would_change() -> None:
+def test_switching_is_off_when_set_to_one_on_an_accelerator_without_pinned_workers_or_with_nothing_to_gain() -> None:
     def requests() -> int:
         return 0
 
-    assert selection_threads(1, 1, "cpu", requests, frozenset(), pin_frontend=True) is None
-    assert selection_threads(None, 1, "cuda", requests, frozenset(), pin_frontend=True) is None
-    single = len(EVERY)
-    assert selection_threads(single, single, "cpu", requests, frozenset(), pin_frontend=False) is None
+    assert selection_threads(1, 1, "cpu", requests, frozenset({0}), pin_frontend=True) is None
+    assert selection_threads(None, 1, "cuda", requests, frozenset({0}), pin_frontend=True) is None
+    assert selection_threads(None, 1, "cpu", requests, frozenset(), pin_frontend=True) is None, "no core known idle"
+    assert selection_threads(2, 2, "cpu", requests, frozenset({0}), pin_frontend=False) is None
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "250000 100000\n"}, 2.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_from_v2_or_v1(tmp_path: Path, files: dict[str, str], quota: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert READ_CPU_QUOTA(tmp_path) == quota
+
+
+@needs_two_cpus
+def test_idle_threads_stay_within_the_cpu_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    def requests() -> int:
+        return 0
+
+    monkeypatch.setattr(cpus, "cpu_quota", lambda: 1.5)
+    assert selection_threads(None, 1, "cpu", requests, frozenset({0}), pin_frontend=True) is None, "1 thread only"
+    monkeypatch.setattr(cpus, "cpu_quota", lambda: 2.0)
+    switch = selection_threads(8, 1, "cpu", requests, frozenset({0}), pin_frontend=True)
+    assert switch is not None and switch.idle.count == 2
 
 
 def test_without_a_switch_the_queue_leaves_the_threads_alone(torch_threads: None) -> None:
@@ -154,7 +190,11 @@ def test_the_server_switches_on_its_own_engines_request_count(tiny_llama: Path, 
     """Wiring: the served queue reads the live engine's count, and a dynamic request is answered through it."""
     with start_server(tiny_llama, tmp_path, [random_bank(tiny_llama, "tiny", k=3, m=4, seed=0)]) as live:
         switch = live.app.state.completion_serving.selection.threads
-        assert switch is not None and switch.idle.cpus == EVERY and switch.idle.count == len(EVERY)
-        assert switch.engine_requests == live.engine.unfinished_requests and switch.engine_requests() == 0
+        workers = live.engine.worker_cpus
+        if not workers:
+            assert switch is None, "vLLM pinned no worker here, so no core is known to idle with it"
+        else:
+            assert switch is not None and switch.idle.cpus == EVERY and switch.idle.count > switch.busy.count
+            assert switch.engine_requests == live.engine.unfinished_requests and switch.engine_requests() == 0
         answer = live.post("/v1/completions", {"model": tiny_llama.name, "prompt": "The river", "max_tokens": 2})
         assert answer.status_code == 200 and answer.json()["choices"][0]["idp"]["prompt"].startswith("tiny-p")

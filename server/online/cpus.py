@@ -82,6 +82,23 @@ def pin_thread(cpus: Iterable[int]) -> None:
     os.sched_setaffinity(0, frozenset(cpus))
 
 
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the container's cgroup grants per period (v2 `cpu.max`, v1 `cpu.cfs_quota_us`); None
+    when unlimited or unreadable. A Kubernetes CPU limit shows here and not in the affinity mask, which still
+    lists every core of the node: threads beyond the quota only get throttled."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 else None
+
+
 def frontend_cpus(worker_cpus: frozenset[int]) -> frozenset[int]:
     """Our CPUs minus the workers' ones; empty when the workers hold them all (then nothing should move)."""
     return own_cpus() - worker_cpus

@@ -109,21 +109,26 @@ def selection_threads(
     worker_cpus: frozenset[int],
     pin_frontend: bool,
 ) -> ThreadSwitch | None:
-    """The selection pass's thread switch on a CPU host, or None where nothing would switch.
+    """The selection pass's thread switch on a CPU host, or None where nothing should switch.
 
     Busy: `busy_threads` (the `torch_threads` setting) on the frontend's CPUs (off vLLM's workers when the
-    frontend is pinned). Idle: `idle_threads` (default: one per CPU this process may use) on all of them. None when
-    the pass runs on an accelerator (host threads barely matter there), when `idle_threads` is 1 (the setting that
-    turns switching off), or when idle and busy would be the same. Call before the frontend is pinned, while this
-    process still has all its CPUs.
+    frontend is pinned). Idle: every CPU this process may use, with `idle_threads` threads, by default the busy
+    count plus one per core vLLM pinned its workers to (the cores that idle with it; not every core of a big
+    node, most of which may be other pods'), never more than the cgroup's CPU quota allows. None when the pass
+    runs on an accelerator (host threads barely matter there), when `idle_threads` is 1 (the setting that turns
+    switching off), when vLLM pinned no worker and no idle count is set (no core is known to idle with the
+    engine), or when the idle count would be no larger than the busy one. Call before the frontend is pinned,
+    while this process still has all its CPUs.
     """
-    if torch.device(device).type != "cpu" or idle_threads == 1:
+    if torch.device(device).type != "cpu" or idle_threads == 1 or (idle_threads is None and not worker_cpus):
         return None
     every = cpus.own_cpus()
     frontend = (cpus.frontend_cpus(worker_cpus) if worker_cpus else frozenset()) if pin_frontend else frozenset()
     busy = PassThreads(busy_threads, frontend or every)
-    idle = PassThreads(idle_threads or len(every), every)
-    if idle == busy:
+    count = idle_threads or busy_threads + len(worker_cpus & every)
+    quota = cpus.cpu_quota()
+    idle = PassThreads(max(1, min(count, len(every), int(quota) if quota else count)), every)
+    if idle.count <= busy.count:
         return None
     logger.info(
         "selection pass: %d thread(s) on CPUs %s while vLLM is idle, %d on %s while it is busy",

@@ -77,8 +77,9 @@ class ServeSettings(Settings):
         None,
         ge=1,
         description="torch threads of a CPU selection pass that starts while vLLM holds no request, on every "
-        "core, vLLM's idle worker cores included (default: one per CPU the server may use; 1: off, every pass "
-        "runs on torch_threads off the worker cores, as it does whenever vLLM holds a request).",
+        "core, vLLM's idle worker cores included (default: torch_threads plus one per core vLLM pinned its "
+        "workers to, within the cgroup's CPU quota; 1: off, every pass runs on torch_threads off the worker "
+        "cores, as it does whenever vLLM holds a request).",
     )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
