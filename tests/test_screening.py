@@ -73,7 +73,12 @@ def test_report_applies_the_rule_and_picks_the_transfer_task(tmp_path: Path, mon
                 "picks_norm": [0] * 200,
             }
             (tmp_path / role / f"{task}.json").write_text(json.dumps(state))
-    result = screening.report([*accuracies, "timedial"])
+    for task, acc in (("fever", 0.55), ("novel_systems", 0.8)):  # base half only
+        right = round(acc * 200)
+        state = {"task": task, "weights_sha256": "base", "n": 200, "chance": 0.5, "answers": [0] * 200}
+        state |= {"picks": [0] * right + [1] * (200 - right), "picks_norm": [0] * 200}
+        (tmp_path / "base" / f"{task}.json").write_text(json.dumps(state))
+    result = screening.report([*accuracies, "timedial", "fever", "novel_systems"])
     status = {r["task"]: r["status"] for r in result["tasks"]}
     assert status == {
         "si_conversion": "damaged",
@@ -82,6 +87,8 @@ def test_report_applies_the_rule_and_picks_the_transfer_task(tmp_path: Path, mon
         "winowhy": "undamaged",
         "strategyqa": "unused",
         "timedial": "incomplete",
+        "fever": "unused",  # the base model alone rules it out: its compressed half is not needed
+        "novel_systems": "incomplete",  # base well above chance: the compressed half decides
     }
     # test sizes: hyperbaton 880, si_conversion 913, step_ordering 933: the smallest is held out for transfer
     assert result["transfer_task"] == "hyperbaton" and result["primary_pool"] == ["si_conversion", "step_ordering"]

@@ -139,15 +139,39 @@ def classify(n: int, chance_acc: float, base: float, compressed: float) -> str:
     return "undamaged" if abs(damage) < UNDAMAGED else "unused"
 
 
+def _ruled_out_by_base(task: str, base_state: dict) -> dict | None:
+    """The row of a task the base model alone rules out (too few dev examples, or base near chance): whatever the
+    compressed model scores, the rule cannot make it damaged or undamaged, so its compressed half is not needed."""
+    base = accuracy(base_state)
+    if len(base) >= MIN_DEV and round(base.mean() - base_state["chance"], 9) >= ABOVE_CHANCE:
+        return None
+    return {
+        "task": task,
+        "n": len(base),
+        "chance": round(base_state["chance"], 4),
+        "base": round(base.mean(), 4),
+        "compressed": None,
+        "status": "unused",
+        "why": "the base model alone rules it out (n < 150 or base < chance + 10 points)",
+        "test_n": len(task_split(task, "test")),
+    }
+
+
 def report(tasks: list[str]) -> dict:
     """Apply the rule to every task screened for both roles; write screening.json; return it."""
     models = {role: json.loads((RUN_DIR / role / "model.json").read_text()) for role in ("base", "compressed")}
     rows = []
     for task in tasks:
         states = {r: json.loads(p.read_text()) for r in models if (p := RUN_DIR / r / f"{task}.json").exists()}
-        if len(states) < 2 or any(
-            len(s["picks"]) < s["n"] or s["weights_sha256"] != models[r]["weights_sha256"] for r, s in states.items()
-        ):
+        valid = {
+            r: s
+            for r, s in states.items()
+            if len(s["picks"]) == s["n"] and s["weights_sha256"] == models[r]["weights_sha256"]
+        }
+        if "compressed" not in valid and "base" in valid and (row := _ruled_out_by_base(task, valid["base"])):
+            rows.append(row)
+            continue
+        if len(valid) < 2:
             rows.append({"task": task, "status": "incomplete"})
             continue
         base, comp = accuracy(states["base"]), accuracy(states["compressed"])
@@ -194,6 +218,9 @@ def table(result: dict) -> str:
     for r in result["tasks"]:
         if r["status"] == "incomplete":
             lines.append(f"| {r['task']} | | | | | | incomplete |")
+            continue
+        if r["compressed"] is None:
+            lines.append(f"| {r['task']} | {r['n']} | {r['chance']:.3f} | {r['base']:.3f} | not needed | | unused |")
             continue
         lo, hi = r["damage_ci"]
         lines.append(
