@@ -24,7 +24,7 @@ and the median selection time the server reports for A (`idp.selection_ms`). Eve
 
     python bench/serve.py [--workloads scoring generation] [--concurrency 1 8 32] [--requests-per-level 4]
                           [--model M] [--banks-dir DIR] [--bank default] [--input-pool N] [--json PATH]
-                          [--idp-flag=--selection-idle-threads=1 ...]
+                          [--idp-flag=--selection-idle-threads=0 ...]
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="FLAG",
-        help="extra flag for `idp-serve serve`, repeatable: --idp-flag=--selection-idle-threads=1",
+        help="extra flag for `idp-serve serve`, repeatable: --idp-flag=--selection-idle-threads=0",
     )
     parser.add_argument(
         "--input-pool",

@@ -258,24 +258,25 @@ def random_bank(model: Path, name: str, k: int, m: int, seed: int) -> PromptBank
     return make_bank(name, table[rows], [f"{name}-p{i}" for i in range(k)], fingerprint(model))
 
 
-def start_server(model: Path, home: Path, banks: list[PromptBank]) -> LiveServer:
-    """A LiveServer (not yet entered) for `model` with `banks` saved under `home`/banks, the first the default."""
+def start_server(model: Path, home: Path, banks: list[PromptBank], **settings: object) -> LiveServer:
+    """A LiveServer (not yet entered) for `model` with `banks` saved under `home`/banks, the first the default;
+    `settings` override the test defaults (ServeSettings fields)."""
     from server.core.banks import save_bank
     from server.online.settings import ServeSettings
 
     for bank in banks:
         save_bank(bank, home / "banks" / bank.name)
-    settings = ServeSettings(
-        home=home,
-        model=str(model),
-        banks_dir=home / "banks",
-        default_bank=banks[0].name if banks else None,
-        allow_empty_banks_dir=not banks,
-        max_model_len=512,
-        kv_cache_gib=1,
-        dtype="float32",
-    )
-    return LiveServer(settings)
+    defaults = {
+        "home": home,
+        "model": str(model),
+        "banks_dir": home / "banks",
+        "default_bank": banks[0].name if banks else None,
+        "allow_empty_banks_dir": not banks,
+        "max_model_len": 512,
+        "kv_cache_gib": 1,
+        "dtype": "float32",
+    }
+    return LiveServer(ServeSettings(**defaults | settings))
 
 
 def idp(choice: Any) -> dict[str, Any]:

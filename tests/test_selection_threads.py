@@ -115,6 +115,12 @@ def test_idle_threads_default_to_the_busy_ones_plus_the_workers_cores_unpinned_t
     assert switch is not None and switch.busy == PassThreads(1, EVERY) and switch.idle == PassThreads(2, EVERY)
 
 
+def test_switching_is_opt_in_until_a_benchmark_shows_it_helps() -> None:
+    from server.online.settings import ServeSettings
+
+    assert ServeSettings.model_fields["selection_idle_threads"].default == 1, "1 means off"
+
+
 def test_switching_is_off_when_set_to_one_on_an_accelerator_without_pinned_workers_or_with_nothing_to_gain() -> None:
     def requests() -> int:
         return 0
@@ -188,7 +194,8 @@ def test_scores_equal_the_reference_and_the_choice_is_the_same_at_any_thread_cou
 @needs_two_cpus
 def test_the_server_switches_on_its_own_engines_request_count(tiny_llama: Path, tmp_path: Path) -> None:
     """Wiring: the served queue reads the live engine's count, and a dynamic request is answered through it."""
-    with start_server(tiny_llama, tmp_path, [random_bank(tiny_llama, "tiny", k=3, m=4, seed=0)]) as live:
+    bank = random_bank(tiny_llama, "tiny", k=3, m=4, seed=0)
+    with start_server(tiny_llama, tmp_path, [bank], selection_idle_threads=0) as live:  # the switch is opt-in
         switch = live.app.state.completion_serving.selection.threads
         workers = live.engine.worker_cpus
         if not workers:

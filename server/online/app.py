@@ -127,7 +127,7 @@ async def _start(settings: ServeSettings) -> _Running:
         engine.shutdown()
         raise
     threads = selection_threads(
-        settings.selection_idle_threads,
+        settings.selection_idle_threads or None,
         settings.torch_threads,
         device,
         engine.unfinished_requests,

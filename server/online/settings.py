@@ -73,13 +73,14 @@ class ServeSettings(Settings):
         description="Selections remembered for inputs seen before (LRU entries, under 1 KB each; "
         "0: off). An input repeated exactly skips the selection pass, as vLLM's prefix cache skips its prefill.",
     )
-    selection_idle_threads: int | None = Field(
-        None,
-        ge=1,
+    selection_idle_threads: int = Field(
+        1,
+        ge=0,
         description="torch threads of a CPU selection pass that starts while vLLM holds no request, on every "
-        "core, vLLM's idle worker cores included (default: torch_threads plus one per core vLLM pinned its "
-        "workers to, within the cgroup's CPU quota; 1: off, every pass runs on torch_threads off the worker "
-        "cores, as it does whenever vLLM holds a request).",
+        "core, vLLM's idle worker cores included. 1 (default): off, every pass runs on torch_threads off the "
+        "worker cores, as it does whenever vLLM holds a request; off until bench/serve.py has shown it helps "
+        "(on a loaded host it made passes slower, docs/serving-cost.md). 0: torch_threads plus one per core "
+        "vLLM pinned its workers to, within the cgroup's CPU quota. N: N threads.",
     )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
