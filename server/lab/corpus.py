@@ -68,6 +68,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "unit-names": ("unit_identification",),
     "si-units": ("si_conversion",),
     "unit-systems": ("different_systems",),
+    "social-bias": ("bbq_race_disambig",),
 }
 
 
