@@ -172,16 +172,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(settings.torch_threads)
     sources = tuple(s for s in args.sources.split(",") if s)
-    general, dev, domain = streams(args.teacher, settings.data_dir, args.seq_len, sources)
-    identity = run_identity(args.student, args.seq_len, general, dev, domain, sources, method="lora")
-    device = torch_device(args.device)
-    deadline = time.monotonic() + args.max_seconds
     base = LoraSpec(
         rank=args.rank,
         lr=args.lr or 1e-3,
         tokens=args.tokens,
         domain_per_batch=args.domain_per_batch if sources else 0,
     )
+    general, dev, domain = streams(args.teacher, settings.data_dir, args.seq_len, sources, base)
+    identity = run_identity(args.student, args.seq_len, general, dev, domain, sources, method="lora")
+    device = torch_device(args.device)
+    deadline = time.monotonic() + args.max_seconds
 
     def fit(spec: LoraSpec, folder: RunFolder, max_steps: int | None = None) -> RunState:
         folder.start(spec, identity)

@@ -388,12 +388,20 @@ def _batch(
 
 
 def streams(
-    teacher_dir: Path, data_dir: Path, seq_len: int, sources: tuple[str, ...] = ()
+    teacher_dir: Path,
+    data_dir: Path,
+    seq_len: int,
+    sources: tuple[str, ...] = (),
+    spec: RecipeSpec | None = None,
 ) -> tuple[TeacherCache, TeacherCache, TeacherCache | None]:
     """The general stream, the dev set and the domain stream (None without `sources`) of a run: general train
     text; with sources, their training text and their held-out text as the dev set (else general dev text).
     Every method of the recipe (prompts, LoRA) reads its supervision from here, so all see the same targets.
-    Domain caches are built on demand (small: a few minutes of teacher forwards, done once)."""
+
+    Domain caches are built on demand, and with `spec` only for the blocks the run can read: the first
+    steps x domain_per_batch blocks of the seeded shuffle (one epoch) and the first dev_blocks held-out blocks.
+    A big source (bbq's long contexts: ~700 blocks) would otherwise cost the teacher forwards of blocks no step
+    ever reads."""
     from transformers import AutoTokenizer
 
     from server.lab.corpus import domain_blocks
@@ -404,9 +412,10 @@ def streams(
     if not sources:
         return general, general_cache(teacher_dir, data_dir, "dev", seq_len), None
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    read = (total_steps(spec, seq_len) * spec.domain_per_batch, spec.dev_blocks) if spec else (None, None)
     domain, dev = (
-        cache_for(teacher_dir, data_dir, domain_blocks(tokenizer, sources, data_dir, seq_len, heldout=heldout))
-        for heldout in (False, True)
+        cache_for(teacher_dir, data_dir, domain_blocks(tokenizer, sources, data_dir, seq_len, heldout=heldout)[:limit])
+        for heldout, limit in zip((False, True), read, strict=True)
     )
     for cache in (domain, dev):
         if not cache.complete():
@@ -482,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         domain_per_batch=args.domain_per_batch if domain_run else 0,
     )
     sources = tuple(args.sources.split(",")) if domain_run else ()
-    general, dev, domain = streams(args.teacher, settings.data_dir, args.seq_len, sources)
+    general, dev, domain = streams(args.teacher, settings.data_dir, args.seq_len, sources, spec)
     extra = {"init_run": args.init_run} if domain_run else {}
     identity = run_identity(args.student, args.seq_len, general, dev, domain, sources, **extra)
     run = RunFolder(RUNS_DIR / args.run)
