@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from server.lab.teacher_cache import CacheError, TeacherCache, kd_loss, teacher_targets
+from server.lab.teacher_cache import CacheError, JoinedCaches, TeacherCache, kd_loss, teacher_targets
 from tests.helpers import micro_llama
 
 VOCAB = 96
@@ -115,3 +115,22 @@ def test_a_foreign_or_missing_shard_is_refused(tmp_path, blocks):
     shutil.copy(other.shard_path(0), mine.shard_path(0))
     with pytest.raises(CacheError, match="was made for"):
         mine.targets(torch.tensor([0]))
+
+
+def test_joined_caches_serve_each_block_from_the_cache_that_holds_it(tmp_path, blocks):
+    teacher = tiny(0)
+    first = TeacherCache(tmp_path, blocks[:6], "teacher-digest", k=8, shard_blocks=4)
+    second = TeacherCache(tmp_path, blocks[6:], "teacher-digest", k=8, shard_blocks=4)
+    for cache in (first, second):
+        cache.build(teacher, progress=False)
+    joined = JoinedCaches([first, second])
+    whole = TeacherCache(tmp_path / "whole", blocks, "teacher-digest", k=8, shard_blocks=4)
+    whole.build(teacher, progress=False)
+
+    index = torch.tensor([9, 0, 5, 6, 7])
+    got, want = joined.targets(index), whole.targets(index)
+
+    assert torch.equal(joined.blocks, blocks) and joined.complete()
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.tail_logprob, want.tail_logprob, atol=1e-6, rtol=0)

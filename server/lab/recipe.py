@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from server.lab.teacher_cache import CacheError, TeacherCache, TeacherTargets, kd_loss, teacher_targets
+from server.lab.teacher_cache import CacheError, JoinedCaches, TeacherCache, TeacherTargets, kd_loss, teacher_targets
 
 RUNS_DIR = Path(__file__).resolve().parents[2] / "bench" / "runs"
 
@@ -393,15 +393,17 @@ def streams(
     seq_len: int,
     sources: tuple[str, ...] = (),
     spec: RecipeSpec | None = None,
-) -> tuple[TeacherCache, TeacherCache, TeacherCache | None]:
+) -> tuple[TeacherCache, TeacherCache, TeacherCache | JoinedCaches | None]:
     """The general stream, the dev set and the domain stream (None without `sources`) of a run: general train
     text; with sources, their training text and their held-out text as the dev set (else general dev text).
     Every method of the recipe (prompts, LoRA) reads its supervision from here, so all see the same targets.
 
-    Domain caches are built on demand, and with `spec` only for the blocks the run can read: the first
-    steps x domain_per_batch blocks of the seeded shuffle (one epoch) and the first dev_blocks held-out blocks.
-    A big source (bbq's long contexts: ~700 blocks) would otherwise cost the teacher forwards of blocks no step
-    ever reads."""
+    Domain caches are built on demand, and with `spec` only for the blocks the run can read: of each source,
+    an equal share of the steps x domain_per_batch blocks the run reads (the first ones of the source's seeded
+    shuffle), and the first dev_blocks held-out blocks of the union. A big source (bbq's long contexts: ~700
+    blocks) would otherwise cost the teacher forwards of blocks no step ever reads. Sources are cached one by
+    one and joined, so a run on several sources (the compute-matched single prompt) reads exactly the blocks,
+    and cached targets, of the runs on each source with the same share (the bank's prompts)."""
     from transformers import AutoTokenizer
 
     from server.lab.corpus import domain_blocks
@@ -412,15 +414,16 @@ def streams(
     if not sources:
         return general, general_cache(teacher_dir, data_dir, "dev", seq_len), None
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    read = (total_steps(spec, seq_len) * spec.domain_per_batch, spec.dev_blocks) if spec else (None, None)
-    domain, dev = (
-        cache_for(teacher_dir, data_dir, domain_blocks(tokenizer, sources, data_dir, seq_len, heldout=heldout)[:limit])
-        for heldout, limit in zip((False, True), read, strict=True)
-    )
-    for cache in (domain, dev):
+    share = total_steps(spec, seq_len) * spec.domain_per_batch // len(sources) if spec else None
+    parts = [
+        cache_for(teacher_dir, data_dir, domain_blocks(tokenizer, (s,), data_dir, seq_len)[:share]) for s in sources
+    ]
+    held_out = domain_blocks(tokenizer, sources, data_dir, seq_len, heldout=True)
+    dev = cache_for(teacher_dir, data_dir, held_out[: spec.dev_blocks if spec else None])
+    for cache in (*parts, dev):
         if not cache.complete():
             cache.build(freeze(load_model(teacher_dir)))
-    return general, dev, domain
+    return general, dev, parts[0] if len(parts) == 1 else JoinedCaches(parts)
 
 
 def run_identity(

@@ -188,6 +188,32 @@ class TeacherCache:
         return self._open[shard]
 
 
+class JoinedCaches:
+    """Several caches read as one: blocks end to end, block i served by the cache that holds it.
+
+    The compute-matched single prompt reads exactly the domain blocks the bank's prompts read, from their caches,
+    instead of a new segmentation of the union that would need its own teacher forwards."""
+
+    def __init__(self, caches: list[TeacherCache]) -> None:
+        self.caches = caches
+        self.blocks = torch.cat([c.blocks for c in caches])
+        self.starts = torch.tensor([0, *torch.tensor([len(c.blocks) for c in caches]).cumsum(0).tolist()])
+        self.folder = Path("+".join(c.folder.name for c in caches))
+
+    def complete(self) -> bool:
+        return all(c.complete() for c in self.caches)
+
+    def targets(self, index: torch.Tensor) -> TeacherTargets:
+        """Targets of blocks `index`, in that order, each from the cache that holds it."""
+        which = torch.searchsorted(self.starts, index, right=True) - 1
+        parts = [
+            self.caches[int(w)].targets(torch.tensor([int(i) - int(self.starts[w])])) for i, w in zip(index, which)
+        ]
+        return TeacherTargets(
+            *(torch.cat(t) for t in zip(*[(p.topk_logprobs, p.topk_ids, p.tail_logprob) for p in parts], strict=True))
+        )
+
+
 def cache_for(teacher_dir: Path, data_dir: Path, blocks: torch.Tensor, k: int = DEFAULT_TOP_K) -> TeacherCache:
     """The cache of `blocks` for the teacher in `teacher_dir`, under the data dir."""
     from server.core.identity import verified_weights_digest
