@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel
 
-from server.lab.recipe import RUNS_DIR, RecipeSpec, RunFolder, RunState, Supervision, Trainable, train
+from server.lab.recipe import RUNS_DIR, RecipeSpec, RunFolder, RunState, Supervision, Trainable, print_outcome, train
 
 LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     from server.core.config import Settings
     from server.core.identity import DEFAULT_BASE, DEFAULT_MODEL
     from server.lab.loading import freeze, load_model, torch_device
-    from server.lab.recipe import run_identity, streams, total_steps
+    from server.lab.recipe import run_identity, streams
 
     settings = Settings()
     parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,19 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         choice = {"grid": results, "grid_steps": args.grid_steps, "chosen_lr": chosen, "criterion": "best dev KL"}
         (run.folder / "lr-grid.json").write_text(json.dumps(choice, indent=1))
     state = fit(spec, run)
-    print(
-        json.dumps(
-            {
-                "run": str(run.folder),
-                "lr": spec.lr,
-                "step": state.step,
-                "of": total_steps(spec, args.seq_len),
-                "best_dev_kl": state.best_dev,
-                "done": state.done,
-            }
-        ),
-        flush=True,
-    )
+    print_outcome(run, state, spec, args.seq_len, lr=spec.lr)
 
 
 if __name__ == "__main__":

@@ -505,18 +505,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         init = sampled_init(student, general.blocks, spec.num_virtual_tokens, spec.seed)
     state = train_prompt(student, init, general, spec, run, dev=dev, domain=domain, max_seconds=args.max_seconds)
-    print(
-        json.dumps(
-            {
-                "run": str(run.folder),
-                "step": state.step,
-                "of": total_steps(spec, args.seq_len),
-                "best_dev_kl": state.best_dev,
-                "done": state.done,
-            }
-        ),
-        flush=True,
-    )
+    print_outcome(run, state, spec, args.seq_len)
+
+
+def print_outcome(run: RunFolder, state: RunState, spec: RecipeSpec, seq_len: int, **extra: object) -> None:
+    """One JSON line saying where a run stands: what a driver script (or a person) reads to know whether to
+    run the command again."""
+    of = total_steps(spec, seq_len)
+    record = {"run": str(run.folder), **extra, "step": state.step, "of": of, "best_dev_kl": state.best_dev}
+    print(json.dumps(record | {"done": state.done}), flush=True)
 
 
 if __name__ == "__main__":
