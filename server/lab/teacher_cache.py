@@ -140,6 +140,8 @@ class TeacherCache:
         device = next(teacher.parameters()).device
         todo = self.missing() if shards is None else shards
         for shard in tqdm(todo, desc="teacher cache", unit="shard", disable=not progress):
+            if shards is None and self.shard_path(shard).exists():
+                continue  # another process building the same cache (two runs sharing a source) wrote it meanwhile
             rows = self.blocks[shard * self.shard_blocks : (shard + 1) * self.shard_blocks]
             parts = [
                 teacher_targets(teacher, rows[i : i + batch_size].to(device), self.k).to("cpu")
