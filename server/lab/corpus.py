@@ -69,6 +69,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "si-units": ("si_conversion",),
     "unit-systems": ("different_systems",),
     "social-bias": ("bbq_race_disambig",),
+    "facts": ("knowledge_conflicts",),
 }
 
 

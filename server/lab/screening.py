@@ -214,7 +214,7 @@ def report(tasks: list[str]) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| task | n dev | chance | base | compressed | damage [95% CI] | status |", "| --- | " * 6 + "--- |"]
+    lines = ["| task | n dev | chance | base | compressed | damage [95% CI] | status |", "|" + " --- |" * 7]
     for r in result["tasks"]:
         if r["status"] == "incomplete":
             lines.append(f"| {r['task']} | | | | | | incomplete |")
