@@ -1,7 +1,9 @@
-"""The shipped default bank: it belongs to the embedded default model and repairs it on held-out text.
+"""The shipped banks: they belong to the embedded default model, say how they were made, and repair it on text
+they never trained on.
 
-The repair is measured here, on the prepared model, not read from the bank's manifest: whatever bank is shipped
-for whatever default model, IDP over it must lower that model's perplexity on text the bank never trained on.
+The repair is measured here, on the prepared model, not read from a manifest: whatever bank is shipped for
+whatever default model, IDP over it (with the selection rule its manifest names, as the server selects) must
+lower that model's perplexity on held-out text, and so must the single prompt.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from transformers import AutoTokenizer
 from server.core.banks import BankError, PromptBank, load_bank
 from server.core.config import Settings
 from server.core.identity import fingerprint
-from server.core.selection import CachedSelector, load_selection_model
+from server.core.selection import bank_selector, load_selection_model
+from server.lab.corpus import SOURCES, domain_blocks
+from server.lab.general_text import general_blocks
 from server.lab.loading import load_model
-from server.lab.train import BankPlan, source_blocks
 from server.online.settings import REPO_BANKS
 
-HELDOUT_BLOCKS = BankPlan(mode="curated").heldout_blocks
-"""Held-out blocks per source: as many as training measured its manifest's figures on."""
+BLOCKS_PER_SOURCE = 6
+SEQ_LEN = 128
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +34,20 @@ def default_bank(served_model: Path) -> PromptBank:
 
 
 @pytest.fixture(scope="module")
-def heldout(default_bank: PromptBank, served_model: Path, settings: Settings) -> dict[str, torch.Tensor]:
-    """Token blocks [N, seq_len] per source the bank was trained on, from those sources' held-out split."""
-    trained = default_bank.manifest.trained
+def single_bank(served_model: Path) -> PromptBank:
+    return load_bank(REPO_BANKS / "single", expect=fingerprint(served_model))
+
+
+@pytest.fixture(scope="module")
+def heldout(default_bank: PromptBank, served_model: Path, settings: Settings) -> torch.Tensor:
+    """Blocks [N, SEQ_LEN] no prompt trained on: the general held-out slice and the dev split of each domain."""
     tokenizer = AutoTokenizer.from_pretrained(served_model)
-    return source_blocks(
-        tokenizer,
-        tuple(trained["sources"]),
-        settings.data_dir,
-        trained["spec"]["seq_len"],
-        heldout=True,
-        limit=HELDOUT_BLOCKS,
-    )
+    general = general_blocks(tokenizer, settings.data_dir, "heldout", SEQ_LEN)[:BLOCKS_PER_SOURCE]
+    domains = [
+        domain_blocks(tokenizer, (source,), settings.data_dir, SEQ_LEN, heldout=True)[:BLOCKS_PER_SOURCE]
+        for source in default_bank.manifest.trained["sources"]
+    ]
+    return torch.cat([general, *domains])
 
 
 @torch.no_grad()
@@ -56,9 +61,17 @@ def _nll(model, prompt: torch.Tensor | None, ids: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(logits.float(), ids[1:], reduction="sum").item()
 
 
-def test_default_bank_is_for_the_default_model(default_bank: PromptBank, served_model: Path) -> None:
-    assert default_bank.manifest.model.weights == served_model.name
-    assert default_bank.k >= 2 and default_bank.manifest.trained["command"].startswith("idp-serve train")
+def test_shipped_banks_are_for_the_default_model_and_say_where_each_prompt_came_from(
+    default_bank: PromptBank, single_bank: PromptBank, served_model: Path
+) -> None:
+    for bank in (default_bank, single_bank):
+        assert bank.manifest.model.weights == served_model.name and bank.manifest.trained["mode"] == "recipe"
+        assert set(bank.manifest.trained["prompts"]) == set(bank.prompt_names)
+        assert all(record["done"] in ("budget", "early stop") for record in bank.manifest.trained["prompts"].values())
+    assert default_bank.k >= 2 and single_bank.k == 1
+    assert set(default_bank.manifest.trained["sources"]) <= set(SOURCES)
+    assert set(single_bank.manifest.trained["sources"]) == set(default_bank.manifest.trained["sources"])
+    assert default_bank.manifest.selection.source, "the default bank's selection rule says how it was chosen"
 
 
 def test_default_bank_is_refused_by_another_model(tiny_llama: Path) -> None:
@@ -67,35 +80,17 @@ def test_default_bank_is_refused_by_another_model(tiny_llama: Path) -> None:
 
 
 @pytest.mark.slow
-def test_idp_over_the_default_bank_lowers_the_served_models_heldout_perplexity(
-    default_bank: PromptBank, served_model: Path, heldout: dict[str, torch.Tensor]
+def test_idp_and_the_single_prompt_lower_the_served_models_heldout_perplexity(
+    default_bank: PromptBank, single_bank: PromptBank, served_model: Path, heldout: torch.Tensor
 ) -> None:
-    """Each held-out block decoded behind the prompt the serving selector picks for it, against no prompt."""
+    """Each held-out block decoded behind the prompt the serving selector picks for it (the manifest's rule),
+    and behind the single prompt, against no prompt."""
     torch.set_num_threads(1)
     model = load_model(served_model)
-    selector = CachedSelector(
-        load_selection_model(served_model), default_bank.embeddings, default_bank.selection_layers
-    )
-    blocks = torch.cat(list(heldout.values()))
-    chosen = [s.index for s in selector.select(blocks.tolist())]
-    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
-    plain = math.exp(sum(_nll(model, None, ids) for ids in blocks) / tokens)
-    idp = math.exp(sum(_nll(model, default_bank.embeddings[k], ids) for k, ids in zip(chosen, blocks)) / tokens)
+    chosen = [s.index for s in bank_selector(load_selection_model(served_model), default_bank).select(heldout.tolist())]
+    tokens = heldout.shape[0] * (heldout.shape[1] - 1)
+    plain = math.exp(sum(_nll(model, None, ids) for ids in heldout) / tokens)
+    idp = math.exp(sum(_nll(model, default_bank.embeddings[k], ids) for k, ids in zip(chosen, heldout)) / tokens)
+    single = math.exp(sum(_nll(model, single_bank.embeddings[0], ids) for ids in heldout) / tokens)
     assert idp < plain, f"held-out perplexity with IDP {idp:.2f}, without a prompt {plain:.2f}"
-
-
-@pytest.mark.slow
-def test_recorded_selection_shares_reproduce(
-    default_bank: PromptBank, served_model: Path, heldout: dict[str, torch.Tensor]
-) -> None:
-    """The selection shares the manifest records (and docs/banks.md quotes) are what the serving selector picks
-    today on the same held-out blocks: the record is still true of the shipped bank on the prepared model, and
-    training's measurement and serving's selection agree."""
-    selector = CachedSelector(
-        load_selection_model(served_model), default_bank.embeddings, default_bank.selection_layers
-    )
-    for source, blocks in heldout.items():
-        chosen = [s.index for s in selector.select(blocks.tolist())]
-        for k, name in enumerate(default_bank.prompt_names):
-            recorded = default_bank.manifest.measured[f"share/{source}/idp/{name}"]
-            assert chosen.count(k) / len(chosen) == pytest.approx(recorded, abs=1e-3), (source, name)
+    assert single < plain, f"held-out perplexity with the single prompt {single:.2f}, without a prompt {plain:.2f}"
