@@ -309,3 +309,18 @@ def test_a_transfer_task_that_a_training_source_holds_is_refused(setup: dict, tm
     screening.write_text(json.dumps(POOLS | {"transfer_task": "step_inference", "do_no_harm": []}))
     with pytest.raises(ValueError, match="transfer task step_inference is in the training source"):
         evaluate_pool(inputs(setup, tmp_path, Settings(), screening=screening), None, float("inf"))
+
+
+def test_a_test_question_another_task_trains_on_is_removed_before_scoring_and_the_cap_counts_the_rest():
+    """BIG-bench's unit tasks share generated questions: one can be train in a task and test in another."""
+    from server.lab.evaluate.leaks import clean_split, contaminated
+    from server.lab.tasks import task_split
+
+    split = task_split("unit_identification", "test", 6)
+    training = "\n" + "\n".join(["some other text", split[2].rendered(), split[4].context.strip() + " 5 mm."])
+
+    kept, removed = clean_split("unit_identification", "test", 4, training)
+
+    assert removed == [2, 4] and kept == [split[0], split[1], split[3], split[5]]
+    assert not any(contaminated(e, training) for e in kept)
+    assert clean_split("unit_identification", "test", None, "\n")[0] == task_split("unit_identification", "test")

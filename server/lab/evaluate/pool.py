@@ -27,7 +27,7 @@ from server.core.identity import fingerprint, verified_weights_digest
 from server.core.selection import bank_selector, prepare_selection_model
 from server.lab.corpus import SOURCES
 from server.lab.evaluate.examples import EvalExample
-from server.lab.evaluate.leaks import leaked_examples
+from server.lab.evaluate.leaks import clean_split, leaked_examples, training_text
 from server.lab.evaluate.outcomes import Deadline, Scorer, ScoringSet, Shard, example_record, text_record
 from server.lab.evaluate.protocol import Pools, markdown, report
 from server.lab.general_text import documents
@@ -133,24 +133,20 @@ def load_banks(inputs: PoolInputs) -> tuple[PromptBank, PromptBank]:
     return load_bank(inputs.bank_dir, expect=model_print), load_bank(inputs.single_dir, expect=model_print)
 
 
-def check_sources(inputs: PoolInputs, banks: tuple[PromptBank, ...], examples: list[EvalExample]) -> None:
-    """Refuse evaluated examples found in a training source, and a transfer task a training source contains.
+def training_sources(banks: tuple[PromptBank, ...]) -> list[str]:
+    """The sources the banks' manifests name (every `corpus.SOURCES` domain when one names none), so a check
+    never passes because a manifest forgot to say what it trained on."""
+    return sorted({s for b in banks for s in b.manifest.trained.get("sources", SOURCES)})
 
-    The sources are those the banks' manifests name (every `corpus.SOURCES` domain when one names none), so a
-    check never passes because a manifest forgot to say what it trained on.
-    """
-    names = sorted({s for b in banks for s in b.manifest.trained.get("sources", SOURCES)})
+
+def check_sources(inputs: PoolInputs, banks: tuple[PromptBank, ...], examples: list[EvalExample]) -> None:
+    """Refuse evaluated examples found in a training source, and a transfer task a training source contains."""
+    names = training_sources(banks)
     transfer = inputs.pools.transfer
     if transfer is not None and (holders := [s for s in names if transfer in SOURCES.get(s, ())]):
         raise ValueError(f"transfer task {transfer} is in the training source(s) {', '.join(holders)}")
     if leaks := leaked_examples(names, examples, inputs.data_dir):
         raise ValueError(f"evaluated examples found in training data ({len(leaks)}): {', '.join(leaks[:10])}")
-
-
-def evaluated_examples(inputs: PoolInputs) -> list[EvalExample]:
-    """The evaluated examples of every task: the first `effective_cap` of its split, in file order."""
-    cap = inputs.effective_cap()
-    return [(t, i, e) for t in inputs.pools.tasks for i, e in enumerate(task_split(t, inputs.split, cap))]
 
 
 def general_items(tokenizer, inputs: PoolInputs) -> list[tuple[str, list[int]]]:
@@ -216,6 +212,8 @@ class Unit:
     split: str
     items: list
     methods: list[str]
+    removed: list[int] = field(default_factory=list)
+    """Split positions skipped as contaminated (amendment 2): the items are the split minus these, capped."""
 
     def scoring(self, full: ScoringSet) -> ScoringSet:
         """The dev pass scores the forced prompts alone; the others every method."""
@@ -229,18 +227,21 @@ class Unit:
         return example_record(scoring, tokenizer, index, self.items[index])
 
 
-def plan(inputs: PoolInputs, bank: PromptBank, tokenizer) -> list[Unit]:
-    """Every unit of the evaluation, with its items and methods."""
+def plan(inputs: PoolInputs, bank: PromptBank, tokenizer, training: str) -> list[Unit]:
+    """Every unit of the evaluation, with its items (task examples found in the `training` text removed) and
+    methods."""
     scored, cap = scored_names(inputs, bank), inputs.effective_cap()
     units = []
     for kind, task in inputs.units():
         if kind == GENERAL:
             units.append(Unit(kind, task, "heldout", general_items(tokenizer, inputs), ["base", *scored, "idp"]))
         elif kind == "eval":
-            units.append(Unit(kind, task, inputs.split, task_split(task, inputs.split, cap), ["base", *scored, "idp"]))
+            items, removed = clean_split(task, inputs.split, cap, training)
+            units.append(Unit(kind, task, inputs.split, items, ["base", *scored, "idp"], removed))
         else:
             forced = [m for m in scored if m.startswith("forced:")]
-            units.append(Unit(kind, task, "dev", task_split(task, "dev", inputs.dev_cap), forced))
+            items, removed = clean_split(task, "dev", inputs.dev_cap, training)
+            units.append(Unit(kind, task, "dev", items, forced, removed))
     return units
 
 
@@ -259,9 +260,11 @@ def prepare(inputs: PoolInputs) -> Prepared:
     """Fingerprint and check the inputs (refusing leaks and a transfer task in training data), plan the units."""
     prints = fingerprints(inputs)
     bank, single = load_banks(inputs)
-    check_sources(inputs, (bank, single), evaluated_examples(inputs))
     tokenizer = AutoTokenizer.from_pretrained(inputs.compressed_dir)
-    return Prepared(prints, bank, single, tokenizer, plan(inputs, bank, tokenizer))
+    units = plan(inputs, bank, tokenizer, training_text(training_sources((bank, single)), inputs.data_dir))
+    evaluated = [(u.task, i, e) for u in units if u.kind == "eval" for i, e in enumerate(u.items)]
+    check_sources(inputs, (bank, single), evaluated)
+    return Prepared(prints, bank, single, tokenizer, units)
 
 
 def shard_for(inputs: PoolInputs, unit: Unit, prints: dict) -> Shard:
@@ -271,6 +274,7 @@ def shard_for(inputs: PoolInputs, unit: Unit, prints: dict) -> Shard:
         "task": unit.task,
         "split": unit.split,
         "count": len(unit.items),
+        "removed": unit.removed,
         "methods": unit.methods,
         "fingerprints": prints,
         **(
