@@ -49,3 +49,12 @@ def test_points_per_checkpoint_resume_and_plot(tiny_llama: Path, tmp_path: Path)
     assert json.loads((tmp_path / "curve.json").read_text()) == points
     learning_curve.plot(points, tmp_path / "curve.png", {"strategyqa": {"base": 0.6}})
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_base_line_is_measured_on_the_same_dev_examples(tmp_path: Path):
+    state = {"picks": [0, 1, 1, 0, 0], "answers": [0, 1, 0, 0, 1]}
+    (tmp_path / "si_conversion.json").write_text(json.dumps(state))
+
+    reference = learning_curve.base_reference(tmp_path, ["si_conversion", "unscreened"], limit=3)
+
+    assert reference == {"si_conversion": {"base": 2 / 3}}

@@ -71,6 +71,18 @@ def measure(
     return points
 
 
+def base_reference(screened: Path, tasks: list[str], limit: int) -> dict[str, dict[str, float]]:
+    """The base model's accuracy on the same first `limit` dev examples, from its screening picks (the base line a
+    point must be read against; the screening's own figure covers more examples)."""
+    reference = {}
+    for task in tasks:
+        if (path := screened / f"{task}.json").exists():
+            state = json.loads(path.read_text())
+            picks, answers = state["picks"][:limit], state["answers"][:limit]
+            reference[task] = {"base": sum(p == a for p, a in zip(picks, answers, strict=True)) / len(picks)}
+    return reference
+
+
 def plot(points: list[dict], out: Path, reference: dict[str, dict[str, float]] | None = None) -> None:
     """dev KL and damaged-task dev accuracy against training tokens (log axis; no prompt drawn at 1k)."""
     import matplotlib
@@ -131,8 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         time.monotonic() + args.max_seconds,
         args.dev_limit,
     )
-    screening = RUNS_DIR / "screening" / "screening.json"
-    reference = {r["task"]: r for r in json.loads(screening.read_text())["tasks"]} if screening.exists() else None
+    reference = base_reference(RUNS_DIR / "screening" / "base", args.tasks.split(","), args.dev_limit)
     if points:
         plot(points, run_dir / "curve.png", reference)
     print(json.dumps(points, indent=1))
