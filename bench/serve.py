@@ -33,18 +33,16 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from launch import free_port, server_process  # bench/launch.py, beside this script
 from transformers import AutoTokenizer
 
 from server.core.banks import bank_dir, load_bank
@@ -74,37 +72,6 @@ MIN_REQUESTS = 16
 WARMUP = 2
 """Requests per arm and workload before the first level: the first requests pay one-off costs (allocations,
 kernels' first calls) that are no part of serving."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def running(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start a server process, wait for /health, stop it afterwards; yields its base URL."""
-    with open(log, "w") as out:
-        environment = (env or dict(os.environ)) | {"PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environment)
-        try:
-            deadline = time.time() + 900
-            while time.time() < deadline:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}; see {log}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(2)
-            else:
-                raise RuntimeError(f"{cmd[:4]} did not become healthy; see {log}")
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(60)
 
 
 @dataclass
@@ -301,7 +268,7 @@ def main() -> None:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{port}.log"
     results: dict[str, dict[int, dict[str, Level]]] = {}
     print(f"starting idp-serve (log {log}) ...", file=sys.stderr)
-    with running(cmd, port, log) as url:
+    with server_process(cmd, port, log) as (url, _):
         name = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         for workload, inputs in zip(chosen, per_workload, strict=True):
 

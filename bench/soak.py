@@ -34,19 +34,17 @@ import csv
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+from launch import free_port, server_process  # bench/launch.py, beside this script
 
 KINDS = ("scoring", "generation", "none", "stream")
 LEVEL_MIB_PER_MIN = 1.0
@@ -79,30 +77,6 @@ def server_env(allocator: str | None, arena_max: int | None) -> dict[str, str]:
     if arena_max is not None:
         env["MALLOC_ARENA_MAX"] = str(arena_max)
     return env
-
-
-@contextmanager
-def launched(cmd: list[str], port: int, env: dict[str, str], log: Path) -> Iterator[tuple[str, int]]:
-    """Start idp-serve, wait for /health, stop it afterwards; yields its URL and pid."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.time() + 900
-            while time.time() < deadline:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the server exited with {proc.returncode}; see {log}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(2)
-            else:
-                raise SystemExit(f"the server did not become healthy; see {log}")
-            yield f"http://127.0.0.1:{port}", proc.pid
-        finally:
-            proc.terminate()
-            proc.wait(60)
 
 
 def label(process: psutil.Process, root: int) -> str:
@@ -318,12 +292,6 @@ def corpus_ids(tokenizer: Any) -> list[int]:
     return token_blocks(tokenizer, lee_heldout(data_dir) + lee_train(data_dir), 1).flatten().tolist()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for soak.csv, soak.json, soak.png")
@@ -384,10 +352,8 @@ def main() -> None:
             *(["--default-bank", args.bank] if args.bank else []), *args.idp_flag,
         ]  # fmt: skip
         args.out.mkdir(parents=True, exist_ok=True)
-        with launched(cmd, port, server_env(args.allocator, args.malloc_arena_max), args.out / "server.log") as (
-            url,
-            pid,
-        ):
+        env = server_env(args.allocator, args.malloc_arena_max)
+        with server_process(cmd, port, args.out / "server.log", env) as (url, pid):
             rows, traffic = drive(url, pid)
     else:
         rows, traffic = drive(args.url, args.pid)

@@ -148,7 +148,9 @@ def _evaluate_pool(settings: EvaluatePoolSettings) -> None:
         command=_command_line(),
         bootstrap=settings.bootstrap,
     )
-    out = evaluate_pool(inputs, settings.tasks, settings.max_seconds or math.inf, score=not settings.report_only)
+    out = evaluate_pool(
+        inputs, settings.tasks, settings.max_seconds or math.inf, score=not settings.report_only, write=settings.write
+    )
     if out is not None:
         print(out.with_suffix(".md").read_text() + f"\n{out}")
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from server.core.banks import make_bank, save_bank
+from server.core.banks import load_bank, make_bank, save_bank
 from server.core.config import Settings
 from server.core.identity import fingerprint, verified_weights_digest
 from server.core.selection import bank_selector, prepare_selection_model
@@ -263,8 +263,6 @@ def test_idp_looked_up_equals_idp_scored_directly(setup: dict, one_run: dict):
 
 
 def load_bank_for(setup: dict):
-    from server.core.banks import load_bank
-
     return load_bank(setup["bank"])
 
 
@@ -297,6 +295,36 @@ def test_shards_measured_on_another_bank_are_refused(setup: dict, one_run: dict,
     changed = inputs(setup, tmp_path, Settings(), bank_dir=save_bank(other, tmp_path / "other-bank"))
     with pytest.raises(ValueError, match=f"{path.name}: measured with fingerprints"):
         evaluate_pool(changed, [shard["header"]["task"]], float("inf"))
+
+
+def test_an_adapter_trained_later_adds_its_own_shards_and_leaves_the_others_as_they_were(
+    setup: dict, one_run: dict, tmp_path: Path
+):
+    without = evaluate_pool(inputs(setup, tmp_path, Settings(), lora_dirs=()), None, float("inf"))
+    assert without is not None
+    assert "lora:lora-r2" not in json.loads(without.read_text())["summary"]["primary"]["methods"]
+    main = tmp_path / "shards" / "eval-dev"
+    before = {p.name: p.read_bytes() for p in main.iterdir()}
+    out = evaluate_pool(inputs(setup, tmp_path, Settings()), None, float("inf"))
+    assert out is not None
+    assert {p.name: p.read_bytes() for p in main.iterdir()} == before
+    assert (tmp_path / "shards" / "lora-r2-dev").is_dir()
+    assert json.loads(out.read_text())["summary"]["primary"]["methods"] == one_run["summary"]["primary"]["methods"]
+
+
+def test_write_records_idp_and_single_results_in_their_manifests_and_the_shards_stay_valid(setup: dict, tmp_path: Path):
+    bank_dir = save_bank(load_bank(setup["bank"]), tmp_path / "bank")
+    single_dir = save_bank(load_bank(setup["single"]), tmp_path / "single")
+    run = inputs(setup, tmp_path / "out", Settings(), bank_dir=bank_dir, single_dir=single_dir, lora_dirs=())
+    out = evaluate_pool(run, None, float("inf"), write=True)
+    assert out is not None
+    summary = json.loads(out.read_text())["summary"]
+    for folder, method in ((bank_dir, "idp"), (single_dir, "single")):
+        recorded = load_bank(folder).manifest.measured
+        assert recorded["dev_primary_acc"] == summary["primary"]["methods"][method]["acc"]["mean"]
+        assert recorded["heldout_kl_to_base"] == summary["general"]["methods"][method]["kl"]
+    assert torch.equal(load_bank(bank_dir).embeddings, load_bank(setup["bank"]).embeddings)
+    assert evaluate_pool(run, None, float("inf"), score=False) is not None  # the manifests' results refuse nothing
 
 
 def test_a_unit_that_is_not_evaluated_is_refused_by_name(setup: dict, tmp_path: Path):

@@ -122,6 +122,9 @@ class EvaluatePoolSettings(Settings, OnDevice):
     )
     max_seconds: float | None = Field(None, gt=0, description="Stop scoring after this long; a rerun continues.")
     report_only: CliImplicitFlag[bool] = Field(False, description="Score nothing; write the report if complete.")
+    write: CliImplicitFlag[bool] = Field(
+        False, description="Record IDP's and the single prompt's results in the banks' manifests (`measured`)."
+    )
     bootstrap: int = Field(10_000, ge=100, description="Bootstrap resamples (the protocol fixes 10,000).")
     out: Path = Field(Path("bench/runs/evaluation"), description="Shards and the report go here.")
 

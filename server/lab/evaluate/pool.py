@@ -15,21 +15,21 @@ import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoTokenizer
 
-from server.core.banks import PromptBank, load_bank
+from server.core.banks import PromptBank, load_bank, save_bank
 from server.core.identity import fingerprint, verified_weights_digest
 from server.core.selection import bank_selector, prepare_selection_model
 from server.lab.corpus import SOURCES
 from server.lab.evaluate.examples import EvalExample
 from server.lab.evaluate.leaks import clean_split, leaked_examples, training_text
 from server.lab.evaluate.outcomes import Deadline, Scorer, ScoringSet, Shard, example_record, text_record
-from server.lab.evaluate.protocol import Pools, markdown, report
+from server.lab.evaluate.protocol import Pools, markdown, measured, report
 from server.lab.general_text import documents
 from server.lab.loading import freeze, load_model
 from server.lab.lora_recipe import load_lora
@@ -41,6 +41,8 @@ CAP_STEP = 100
 DOC_BLOCKS = 2
 GENERAL = "general"
 """The unit name of the held-out general text (for `--tasks`)."""
+RECORD_KEY = ("index", "doc", "tokens")
+"""What names a record's example (its index) or block of text (document, length): joined records must agree."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,20 @@ class PoolInputs:
         }
 
     def units(self) -> list[tuple[str, str]]:
-        """(kind, task) of every unit: each task's evaluated split, each pool task's dev pass, general text."""
+        """(kind, task) of every unit: each task's evaluated split, each pool task's dev pass, general text, and
+        per adapter (kind `lora:<run>`) its own evaluated split and general text: an adapter trained later adds
+        its shards without touching the others'."""
         tasks = [("eval", t) for t in self.pools.tasks]
-        return tasks + [("dev-choice", t) for t in self.pools.primary] + [(GENERAL, GENERAL)]
+        adapters = [(f"lora:{d.name}", t) for d in self.lora_dirs for t in [*self.pools.tasks, GENERAL]]
+        return tasks + [("dev-choice", t) for t in self.pools.primary] + [(GENERAL, GENERAL)] + adapters
 
     def shard_path(self, kind: str, task: str) -> Path:
-        name = f"eval-{self.split}" if kind == "eval" else kind
+        if kind == "eval":
+            name = f"eval-{self.split}"
+        elif kind.startswith("lora:"):
+            name = f"{kind.removeprefix('lora:')}-{self.split}"
+        else:
+            name = kind
         return self.out / "shards" / name / f"{task}.json"
 
 
@@ -115,13 +125,21 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprints(inputs: PoolInputs) -> dict[str, str | None]:
-    """Weights digests of the models, file digests of the banks, adapters and screening: a shard is tied to them."""
+def bank_digest(bank: PromptBank) -> str:
+    """sha256 of what decides a bank's outcomes: its manifest (which names the prompts' tensor sha256, the model,
+    the selection rule) without `measured`, so writing this evaluation's results into the manifest keeps its
+    shards valid."""
+    manifest = bank.manifest.model_dump(mode="json", exclude={"measured"})
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprints(inputs: PoolInputs, banks: tuple[PromptBank, PromptBank]) -> dict[str, str | None]:
+    """Weights digests of the models, digests of the banks, adapters and screening: a shard is tied to them."""
     return {
         "base": verified_weights_digest(inputs.base_dir),
         "compressed": verified_weights_digest(inputs.compressed_dir),
-        "bank": folder_digest(inputs.bank_dir),
-        "single": folder_digest(inputs.single_dir),
+        "bank": bank_digest(banks[0]),
+        "single": bank_digest(banks[1]),
         **{f"lora:{d.name}": folder_digest(d) for d in inputs.lora_dirs},
         "screening": hashlib.sha256(inputs.screening.read_bytes()).hexdigest(),
     }
@@ -197,10 +215,10 @@ def lora_scorer(inputs: PoolInputs, run_dir: Path) -> Scorer:
     return Scorer(f"lora:{run_dir.name}", model)
 
 
-def scored_names(inputs: PoolInputs, bank: PromptBank) -> list[str]:
-    """The directly scored methods besides base, in scoring order (IDP is looked up, never scored)."""
-    forced = [f"forced:{name}" for name in bank.prompt_names]
-    return ["compressed", "single", *forced, *(f"lora:{d.name}" for d in inputs.lora_dirs)]
+def scored_names(bank: PromptBank) -> list[str]:
+    """The directly scored methods of the main units besides base, in scoring order (IDP is looked up, never
+    scored; adapters score in their own units)."""
+    return ["compressed", "single", *(f"forced:{name}" for name in bank.prompt_names)]
 
 
 @dataclass(frozen=True)
@@ -216,13 +234,15 @@ class Unit:
     """Split positions skipped as contaminated (amendment 2): the items are the split minus these, capped."""
 
     def scoring(self, full: ScoringSet) -> ScoringSet:
-        """The dev pass scores the forced prompts alone; the others every method."""
-        if self.kind != "dev-choice":
-            return full
-        return ScoringSet(None, [s for s in full.scorers if s.name in self.methods], None, ())
+        """The dev pass scores the forced prompts alone, an adapter's unit the base model and the adapter; the
+        others every method but the adapters."""
+        if self.kind == "eval" or self.kind == GENERAL:
+            return replace(full, scorers=[s for s in full.scorers if s.name in self.methods])
+        base = full.base if "base" in self.methods else None
+        return ScoringSet(base, [s for s in full.scorers if s.name in self.methods], None, ())
 
     def record(self, scoring: ScoringSet, tokenizer, index: int) -> dict:
-        if self.kind == GENERAL:
+        if self.task == GENERAL:
             return text_record(scoring, *self.items[index])
         return example_record(scoring, tokenizer, index, self.items[index])
 
@@ -230,14 +250,15 @@ class Unit:
 def plan(inputs: PoolInputs, bank: PromptBank, tokenizer, training: str) -> list[Unit]:
     """Every unit of the evaluation, with its items (task examples found in the `training` text removed) and
     methods."""
-    scored, cap = scored_names(inputs, bank), inputs.effective_cap()
+    scored, cap = scored_names(bank), inputs.effective_cap()
     units = []
     for kind, task in inputs.units():
-        if kind == GENERAL:
-            units.append(Unit(kind, task, "heldout", general_items(tokenizer, inputs), ["base", *scored, "idp"]))
-        elif kind == "eval":
+        methods = ["base", kind] if kind.startswith("lora:") else ["base", *scored, "idp"]
+        if task == GENERAL:
+            units.append(Unit(kind, task, "heldout", general_items(tokenizer, inputs), methods))
+        elif kind == "eval" or kind.startswith("lora:"):
             items, removed = clean_split(task, inputs.split, cap, training)
-            units.append(Unit(kind, task, inputs.split, items, ["base", *scored, "idp"], removed))
+            units.append(Unit(kind, task, inputs.split, items, methods, removed))
         else:
             forced = [m for m in scored if m.startswith("forced:")]
             items, removed = clean_split(task, "dev", inputs.dev_cap, training)
@@ -258,13 +279,38 @@ class Prepared:
 
 def prepare(inputs: PoolInputs) -> Prepared:
     """Fingerprint and check the inputs (refusing leaks and a transfer task in training data), plan the units."""
-    prints = fingerprints(inputs)
     bank, single = load_banks(inputs)
+    prints = fingerprints(inputs, (bank, single))
     tokenizer = AutoTokenizer.from_pretrained(inputs.compressed_dir)
     units = plan(inputs, bank, tokenizer, training_text(training_sources((bank, single)), inputs.data_dir))
     evaluated = [(u.task, i, e) for u in units if u.kind == "eval" for i, e in enumerate(u.items)]
     check_sources(inputs, (bank, single), evaluated)
     return Prepared(prints, bank, single, tokenizer, units)
+
+
+def unit_prints(unit: Unit, prints: dict[str, str | None]) -> dict[str, str | None]:
+    """The fingerprints a unit's outcomes depend on: an adapter's unit its adapter's, the others every input but
+    the adapters."""
+    if unit.kind.startswith("lora:"):
+        return {k: prints[k] for k in ("base", "compressed", unit.kind, "screening")}
+    return {k: v for k, v in prints.items() if not k.startswith("lora:")}
+
+
+def merged_records(shards: dict[tuple[str, str], Shard]) -> dict[tuple[str, str], list[dict]]:
+    """Every unit's records, with each adapter's outcomes joined into its task's (or the general text's) main
+    records, example by example, so the report sees one record per example with every method."""
+    records = {k: [dict(r) for r in s.records] for k, s in shards.items() if not k[0].startswith("lora:")}
+    for (kind, task), shard in shards.items():
+        if not kind.startswith("lora:"):
+            continue
+        main = records[(GENERAL, GENERAL) if task == GENERAL else ("eval", task)]
+        for record, extra in zip(main, shard.records, strict=True):
+            if [record.get(k) for k in RECORD_KEY] != [extra.get(k) for k in RECORD_KEY]:
+                raise ValueError(f"{shard.path}: its examples are not those of the {task} unit")
+            for name in ("picks", "picks_norm", "kl", "nll"):
+                if name in extra:
+                    record[name] = record[name] | {kind: extra[name][kind]}
+    return records
 
 
 def shard_for(inputs: PoolInputs, unit: Unit, prints: dict) -> Shard:
@@ -276,7 +322,7 @@ def shard_for(inputs: PoolInputs, unit: Unit, prints: dict) -> Shard:
         "count": len(unit.items),
         "removed": unit.removed,
         "methods": unit.methods,
-        "fingerprints": prints,
+        "fingerprints": unit_prints(unit, prints),
         **(
             {"general_block": inputs.general_block, "general_tokens": inputs.general_tokens}
             if unit.kind == GENERAL
@@ -304,10 +350,22 @@ def run_units(inputs: PoolInputs, prepared: Prepared, only: list[str] | None, ma
     return True
 
 
-def evaluate_pool(inputs: PoolInputs, only: list[str] | None, max_seconds: float, score: bool = True) -> Path | None:
+def write_measured(inputs: PoolInputs, prepared: Prepared, summary: dict) -> None:
+    """Record what the served methods measured (IDP for the bank, the single prompt for its bank) in their
+    manifests' `measured`; the prompts and the selection rule stay as they are, and so do the shards'
+    fingerprints (`bank_digest` leaves `measured` out)."""
+    served = ((inputs.bank_dir, prepared.bank, "idp"), (inputs.single_dir, prepared.single, "single"))
+    for folder, bank, method in served:
+        update = bank.manifest.measured | measured(summary, method, inputs.split)
+        save_bank(replace(bank, manifest=bank.manifest.model_copy(update={"measured": update})), folder)
+
+
+def evaluate_pool(
+    inputs: PoolInputs, only: list[str] | None, max_seconds: float, score: bool = True, write: bool = False
+) -> Path | None:
     """Score what is missing of `only` (nothing when `score` is False), then, when every unit is complete, write
-    the report (`evaluation-<split>.json` with every outcome, and `.md`) under `out` and return the JSON's path;
-    None while units are missing (they are listed)."""
+    the report (`evaluation-<split>.json` with every outcome, and `.md`) under `out` and return the JSON's path
+    (and with `write`, the served methods' results into the banks' manifests); None while units are missing."""
     known = {task for _, task in inputs.units()}
     if only is not None and (unknown := [t for t in only if t not in known]):
         raise ValueError(f"--tasks: {', '.join(unknown)} not evaluated here; the units are {', '.join(sorted(known))}")
@@ -320,7 +378,7 @@ def evaluate_pool(inputs: PoolInputs, only: list[str] | None, max_seconds: float
         return None
     chance = {u.task: task_chance(u.items) for u in prepared.units if u.kind == "eval"}
     trainable = trainable_parameters(inputs, prepared.bank, prepared.single)
-    summary = report(inputs.pools, {k: s.records for k, s in shards.items()}, chance, trainable, inputs.bootstrap)
+    summary = report(inputs.pools, merged_records(shards), chance, trainable, inputs.bootstrap)
     out = inputs.out / f"evaluation-{inputs.split}.json"
     body = {
         "command": inputs.command,
@@ -334,4 +392,6 @@ def evaluate_pool(inputs: PoolInputs, only: list[str] | None, max_seconds: float
         tmp = path.with_suffix(".tmp")  # two processes finishing together each write the whole file, atomically
         tmp.write_text(text)
         os.replace(tmp, path)
+    if write:
+        write_measured(inputs, prepared, summary)
     return out

@@ -241,6 +241,23 @@ def report(
     }
 
 
+def measured(summary: dict, method: str, split: str) -> dict[str, float]:
+    """What a bank's manifest records of this evaluation about the method it serves: pooled accuracy, FGR with its
+    CI (when defined), agreement with base over the primary pool, and held-out general KL and perplexity."""
+    pooled, general = summary["primary"]["methods"][method], summary["general"]["methods"][method]
+    out = {
+        f"{split}_primary_n": float(summary["primary"]["n"]),
+        f"{split}_primary_acc": pooled["acc"]["mean"],
+        f"{split}_agreement_with_base": pooled["agreement"]["agreement"],
+        "heldout_kl_to_base": general["kl"],
+        "heldout_ppl": general["ppl"],
+    }
+    if pooled["fgr"]["defined"]:
+        low, high = pooled["fgr"]["ci"]
+        out |= {f"{split}_fgr": pooled["fgr"]["fgr"], f"{split}_fgr_ci_low": low, f"{split}_fgr_ci_high": high}
+    return out
+
+
 def _shares(names: list[str]) -> dict[str, float]:
     return {n: names.count(n) / len(names) for n in sorted(set(names))}
 
