@@ -75,8 +75,9 @@ def declared() -> dict[str, set[str]]:
 
 
 def third_party_imports(paths: list[Path]) -> dict[str, set[str]]:
-    """Top-level module -> files importing it, for every absolute import that is neither stdlib nor ours."""
-    ours = {"server", "tests", "bench"}
+    """Top-level module -> files importing it, for every absolute import that is neither stdlib nor ours (our
+    packages, and the bench scripts' sibling modules, which they import by bare name)."""
+    ours = {"server", "tests", "bench"} | {p.stem for p in (ROOT / "bench").glob("*.py")}
     found: dict[str, set[str]] = {}
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
