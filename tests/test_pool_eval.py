@@ -98,7 +98,8 @@ def constructed(compressed_equals_base: bool = False) -> dict:
         row["picks"]["single"] = row["picks_norm"]["single"] = 1
     shards["eval", "z"] = z
     trainable = {"base": 0, "compressed": 0, "single": 64, "idp": 128, "forced:a": 64, "forced:b": 64}
-    return report(pools, shards, dict.fromkeys("xytz", 0.5), trainable, RESAMPLES)
+    tokens = {"base": 0, "compressed": 0, "single": 4, "idp": 4, "forced:a": 4, "forced:b": 4}
+    return report(pools, shards, dict.fromkeys("xytz", 0.5), trainable, tokens, RESAMPLES)
 
 
 def test_idp_that_picks_the_right_prompt_recovers_the_whole_gap_and_beats_single_and_both_forced_choices():
@@ -150,9 +151,10 @@ def test_general_text_kl_and_perplexity_are_per_token_over_documents():
 def test_the_table_has_one_row_per_method_with_its_cost():
     table = markdown(constructed(), "idp-serve evaluate-pool")
     idp = next(line for line in table.splitlines() if line.startswith("| + IDP |"))
-    # pooled acc with its CI, FGR, agreement, KL per token (1.8 / 30), ppl exp(36 / 30), bank size, selection
+    # pooled acc with its CI, FGR, agreement, KL per token (1.8 / 30), ppl exp(36 / 30), bank size, the prompt's
+    # tokens, selection
     assert idp.startswith(
-        "| + IDP | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100.0 | 0.060 | 3.3 | 128 | 0.0100 |"
+        "| + IDP | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100.0 | 0.060 | 3.3 | 128 | 4 | 0.0100 |"
     )
     assert "| + best forced, dev-chosen (b) |" in table
 

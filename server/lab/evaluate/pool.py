@@ -208,6 +208,17 @@ def trainable_parameters(inputs: PoolInputs, bank: PromptBank, single: PromptBan
     return counts
 
 
+def prompt_tokens(inputs: PoolInputs, bank: PromptBank, single: PromptBank) -> dict[str, int]:
+    """Virtual tokens each method puts in front of every request (a merged adapter none): the prefill and KV
+    cache it adds, besides IDP's selection pass."""
+    counts = {"base": 0, "compressed": 0, "single": single.m, "idp": bank.m}
+    return (
+        counts
+        | {f"forced:{name}": bank.m for name in bank.prompt_names}
+        | {f"lora:{d.name}": 0 for d in inputs.lora_dirs}
+    )
+
+
 def lora_scorer(inputs: PoolInputs, run_dir: Path) -> Scorer:
     """The compressed model with the best-dev adapter of a LoRA run (`lora_recipe`) merged in: inference is one
     plain forward, as a served merged adapter would be."""
@@ -378,7 +389,8 @@ def evaluate_pool(
         return None
     chance = {u.task: task_chance(u.items) for u in prepared.units if u.kind == "eval"}
     trainable = trainable_parameters(inputs, prepared.bank, prepared.single)
-    summary = report(inputs.pools, merged_records(shards), chance, trainable, inputs.bootstrap)
+    tokens = prompt_tokens(inputs, prepared.bank, prepared.single)
+    summary = report(inputs.pools, merged_records(shards), chance, trainable, tokens, inputs.bootstrap)
     out = inputs.out / f"evaluation-{inputs.split}.json"
     body = {
         "command": inputs.command,

@@ -185,6 +185,7 @@ def report(
     shards: dict[tuple[str, str], list[dict]],
     chance: dict[str, float],
     trainable: dict[str, int],
+    prompt_tokens: dict[str, int],
     resamples: int,
 ) -> dict:
     """The protocol's summary from every shard's records: per task, the primary pool (FGR, agreement, paired
@@ -234,6 +235,7 @@ def report(
         "general": general_summary(shards[("general", "general")]),
         "cost": {
             "trainable": trainable,
+            "prompt_tokens": prompt_tokens,
             "selection_s": float(np.mean([r["select_s"] for r in eval_rows])),
             "oracle_prompts": _shares([oracle_prompt(r) for r in eval_rows]),
             "idp_prompts": _shares(["forced:" + r["selected"] for r in eval_rows]),
@@ -298,8 +300,8 @@ def markdown(summary: dict, command: str) -> str:
         f"({summary['general']['documents']} documents).",
         "",
         "| method | pooled acc % [95% CI] | FGR % [95% CI] | agreement with base % | KL | ppl | trainable params "
-        "| selection s/request |",
-        "|---|---|---|---|---|---|---|---|",
+        "| prompt tokens/request | selection s/request |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, key in _rows(summary):
         m = primary["methods"][key]
@@ -309,10 +311,11 @@ def markdown(summary: dict, command: str) -> str:
         text = general.get(key)
         kl, ppl = (f"{text['kl']:.3f}", f"{text['ppl']:.1f}") if text else ("", "")
         params = f"{cost['trainable'][key]:,}" if key in cost["trainable"] else ""
+        tokens = str(cost["prompt_tokens"][key]) if key in cost["prompt_tokens"] else ""
         select = f"{cost['selection_s']:.4f}" if key == "idp" else ""
         lines.append(
             f"| {label} | {_pct(m['acc']['mean'])} {_ci(m['acc']['ci'])} | {fgr_text} | {agree} | {kl} | {ppl} "
-            f"| {params} | {select} |"
+            f"| {params} | {tokens} | {select} |"
         )
     lines += ["", "| paired difference (pooled, points) | estimate | 95% CI |", "|---|---|---|"]
     lines += [f"| {k} | {100 * v['difference']:+.1f} | {_ci(v['ci'])} |" for k, v in primary["paired"].items()]
