@@ -241,7 +241,7 @@ def test_idp_looked_up_equals_idp_scored_directly(setup: dict, one_run: dict):
     tokenizer = AutoTokenizer.from_pretrained(setup["compressed"])
     model = prepare_selection_model(load_model(setup["compressed"]))
     base = load_model(setup["base"])
-    bank = load_bank_for(setup)
+    bank = load_bank(setup["bank"])
     selector = bank_selector(model, bank)
     shard = next(s for s in one_run["shards"] if s["header"]["unit"] == "eval")
     for record, example in zip(shard["records"], task_split(shard["header"]["task"], "dev", 3), strict=True):
@@ -262,10 +262,6 @@ def test_idp_looked_up_equals_idp_scored_directly(setup: dict, one_run: dict):
         prompted = model(inputs_embeds=embeds).logits[0, 4:-1].log_softmax(-1)
         kl = float((reference.exp() * (reference - prompted)).sum(-1).mean())
         assert record["kl"]["idp"] == pytest.approx(kl, rel=1e-4)
-
-
-def load_bank_for(setup: dict):
-    return load_bank(setup["bank"])
 
 
 def test_a_resumed_run_split_over_two_processes_gives_the_records_of_one_run(

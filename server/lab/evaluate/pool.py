@@ -336,7 +336,7 @@ def shard_for(inputs: PoolInputs, unit: Unit, prints: dict) -> Shard:
         "fingerprints": unit_prints(unit, prints),
         **(
             {"general_block": inputs.general_block, "general_tokens": inputs.general_tokens}
-            if unit.kind == GENERAL
+            if unit.task == GENERAL
             else {}
         ),
     }
