@@ -1,6 +1,6 @@
 """The LoRA baseline on the prompts' recipe, on tiny models: the KD loss falls, a resumed run is the
-uninterrupted run bit for bit, a run folder refuses state and weights it was not made for, and the adapter
-`load_lora` rebuilds scores what the run recorded as its best."""
+uninterrupted run bit for bit, a run folder refuses state and weights it was not made for, the adapter
+`load_lora` rebuilds scores what the run recorded as its best, and a run can start from another's best adapter."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from server.lab.lora_recipe import (
     load_lora,
     lora_model,
     lora_trainable,
+    set_best_adapter,
     train_lora,
     trainable_parameters,
 )
@@ -125,6 +126,19 @@ def test_the_loaded_adapter_is_the_best_dev_adapter(streams, tmp_path: Path):
     torch.testing.assert_close(method.model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="trained on weights"):
         load_lora(run.folder, other)
+
+
+def test_a_run_starts_from_another_runs_best_adapter_of_the_same_rank_only(streams, tmp_path: Path):
+    general, dev = streams
+    run = RunFolder(tmp_path / "general")
+    lora = spec()
+    run.start(lora, {"method": "lora"})
+    state = train_lora(student_with(lora), general, lora, run, dev=dev, progress=False)
+    started = student_with(lora)  # as `--init-run general` starts the next run
+    set_best_adapter(started, run.folder)
+    assert dev_loss(started, dev) == pytest.approx(state.best_dev, rel=1e-6)
+    with pytest.raises(ValueError, match=r"general/state.safetensors: its best adapter has \(4, \d+\) for .*\(2, "):
+        set_best_adapter(student_with(spec(rank=2)), run.folder)
 
 
 def test_the_learning_rate_is_chosen_on_dev_by_short_runs_that_start_the_full_run(streams, tmp_path: Path):

@@ -77,6 +77,27 @@ def train_lora(
     return train(lora_trainable(model), general, spec, run, dev, domain, max_seconds, max_steps, progress)
 
 
+def set_best_adapter(model: PreTrainedModel, run_dir: Path) -> None:
+    """Copy the best-dev adapter of the LoRA run in `run_dir` into `model`'s adapter: to rebuild it, or to start
+    another run from it, as the domain prompts start from the general prompt. Refuses an adapter of another
+    rank or other target modules, naming the file."""
+    from safetensors.torch import load_file
+
+    from server.lab.recipe import state_key
+
+    path = run_dir / "state.safetensors"
+    best = load_file(path)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for name, p in params.items():
+        saved = best.get(state_key("best", name, len(params) == 1))
+        if saved is None or saved.shape != p.shape:
+            found = "none" if saved is None else tuple(saved.shape)
+            raise ValueError(f"{path}: its best adapter has {found} for {name}, this adapter {tuple(p.shape)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(best[state_key("best", name, len(params) == 1)].to(p.device))
+
+
 def trainable_parameters(model: PreTrainedModel) -> int:
     """The adapter's parameter count (what the evaluation reports as the method's trainable parameters)."""
     return sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
@@ -88,11 +109,8 @@ def load_lora(
     """The student in `student_dir` with the best-dev adapter of the LoRA run in `run_dir`, and the adapter's
     parameter count. Refuses a run trained against other weights (spec.json's digest). `merge` folds the
     adapter into the weights (a plain model, rounding-level differences); otherwise the PEFT model as trained."""
-    from safetensors.torch import load_file
-
     from server.core.identity import verified_weights_digest
     from server.lab.loading import freeze, load_model
-    from server.lab.recipe import state_key
 
     record = json.loads((run_dir / "spec.json").read_text())
     if record.get("method") != "lora":
@@ -103,11 +121,7 @@ def load_lora(
             f"{run_dir}: trained on weights {record['student_weights_sha256']}, {student_dir} holds {digest}"
         )
     model = lora_model(freeze(load_model(student_dir, device=device)), LoraSpec(**record["spec"]))
-    best = load_file(run_dir / "state.safetensors")
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(best[state_key("best", name, len(params) == 1)].to(p.device))
+    set_best_adapter(model, run_dir)
     trainable = trainable_parameters(model)
     return (model.merge_and_unload() if merge else model).eval(), trainable
 
@@ -145,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     `--domain-per-batch` (the compute-matched single prompt's stream), or general text only without `--sources`.
     `--lr-grid 1e-4,3e-4,1e-3` first trains `--grid-steps` steps per rate (bench/runs/<run>-lr<x>/), records
     the grid and the rate with the lowest dev KL in bench/runs/<run>/lr-grid.json, and continues that run.
+    `--init-run` starts every run (the grid's too) from another LoRA run's best adapter: a general-text run, then
+    the domain mix, as the single prompt is the general prompt continued.
     """
     import argparse
 
@@ -164,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sources", default="", help="Comma-separated corpus.SOURCES names (none: general only).")
     parser.add_argument("--tokens", type=int, default=300_000)
     parser.add_argument("--domain-per-batch", type=int, default=2, help="With --sources: blocks of 4 from them.")
+    parser.add_argument("--init-run", help="A LoRA run of the same rank whose best adapter starts this one.")
     parser.add_argument("--student", type=Path, default=settings.models_dir / DEFAULT_MODEL)
     parser.add_argument("--teacher", type=Path, default=settings.models_dir / DEFAULT_BASE)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -179,13 +196,16 @@ def main(argv: list[str] | None = None) -> None:
         domain_per_batch=args.domain_per_batch if sources else 0,
     )
     general, dev, domain = streams(args.teacher, settings.data_dir, args.seq_len, sources, base)
-    identity = run_identity(args.student, args.seq_len, general, dev, domain, sources, method="lora")
+    extra = {"init_run": args.init_run} if args.init_run else {}
+    identity = run_identity(args.student, args.seq_len, general, dev, domain, sources, method="lora", **extra)
     device = torch_device(args.device)
     deadline = time.monotonic() + args.max_seconds
 
     def fit(spec: LoraSpec, folder: RunFolder, max_steps: int | None = None) -> RunState:
         folder.start(spec, identity)
         model = lora_model(freeze(load_model(args.student, device=device)), spec)
+        if args.init_run:  # a resumed run then loads its own saved adapter over it
+            set_best_adapter(model, RUNS_DIR / args.init_run)
         return train_lora(model, general, spec, folder, dev, domain, deadline - time.monotonic(), max_steps)
 
     run = RunFolder(RUNS_DIR / args.run)
