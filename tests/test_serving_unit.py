@@ -175,12 +175,13 @@ class KillingSelector(FakeSelector):
         return []
 
 
-def bank(name: str, k: int, m: int) -> PromptBank:
+def bank(name: str, k: int, m: int, measured: dict[str, float] | None = None) -> PromptBank:
     return make_bank(
         name,
         torch.randn(k, m, HIDDEN, generator=torch.Generator().manual_seed(k * m)),
         [f"{name}-p{i}" for i in range(k)],
         FINGERPRINT,
+        measured=measured,
     )
 
 
@@ -442,8 +443,8 @@ def test_a_dead_engine_is_503_before_a_stream_and_an_error_event_inside_one(serv
 # ----- models and bank reload -------------------------------------------------------------------------------
 
 
-def test_models_lists_the_banks_and_a_reload_swaps_them_whole() -> None:
-    new = BankSet({"gamma": bank("gamma", 2, 4)}, {"gamma": FakeSelector(2)}, "gamma")
+def test_models_lists_the_banks_with_what_they_measured_and_a_reload_swaps_them_whole() -> None:
+    new = BankSet({"gamma": bank("gamma", 2, 4, {"test_fgr": 0.5})}, {"gamma": FakeSelector(2)}, "gamma")
     srv = Server(bank_set(), loader=lambda: new)
     with TestClient(srv.app) as client:
         card = client.get("/v1/models").json()["data"][0]
@@ -453,7 +454,9 @@ def test_models_lists_the_banks_and_a_reload_swaps_them_whole() -> None:
         reloaded = client.post("/admin/banks/reload")
         assert reloaded.json() == {
             "default_bank": "gamma",
-            "banks": [{"name": "gamma", "k": 2, "m": 4, "prompts": ["gamma-p0", "gamma-p1"]}],
+            "banks": [
+                {"name": "gamma", "k": 2, "m": 4, "prompts": ["gamma-p0", "gamma-p1"], "measured": {"test_fgr": 0.5}}
+            ],
         }
         assert complete(client, prompt="Hi", max_tokens=1).json()["choices"][0]["idp"]["bank"] == "gamma"
 

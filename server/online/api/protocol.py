@@ -313,6 +313,9 @@ class BankCard(BaseModel):
     k: int
     m: int
     prompts: list[str]
+    measured: dict[str, float] = Field(
+        default_factory=dict, description="What the bank's manifest records it measured (e.g. test_fgr)."
+    )
 
 
 class ModelIdp(BaseModel):

@@ -69,6 +69,10 @@ class ModelsServing:
 
 
 def bank_cards(bank_set: BankSet) -> ModelIdp:
-    """The `idp` part of the model card: the default bank and each bank's shape and prompt names."""
-    cards = [BankCard(name=b.name, k=b.k, m=b.m, prompts=list(b.prompt_names)) for b in bank_set.banks.values()]
+    """The `idp` part of the model card: the default bank and each bank's shape, prompt names and the results its
+    manifest records (a client sees what repair it is getting)."""
+    cards = [
+        BankCard(name=b.name, k=b.k, m=b.m, prompts=list(b.prompt_names), measured=b.manifest.measured)
+        for b in bank_set.banks.values()
+    ]
     return ModelIdp(default_bank=bank_set.default, banks=cards)
