@@ -320,7 +320,7 @@ def test_write_records_idp_and_single_results_in_their_manifests_and_the_shards_
     for folder, method in ((bank_dir, "idp"), (single_dir, "single")):
         recorded = load_bank(folder).manifest.measured
         assert recorded["dev_primary_acc"] == summary["primary"]["methods"][method]["acc"]["mean"]
-        assert recorded["heldout_kl_to_base"] == summary["general"]["methods"][method]["kl"]
+        assert recorded["general_heldout_kl_to_base"] == summary["general"]["methods"][method]["kl"]
     assert torch.equal(load_bank(bank_dir).embeddings, load_bank(setup["bank"]).embeddings)
     assert evaluate_pool(run, None, float("inf"), score=False) is not None  # the manifests' results refuse nothing
 

@@ -251,8 +251,8 @@ def measured(summary: dict, method: str, split: str) -> dict[str, float]:
         f"{split}_primary_n": float(summary["primary"]["n"]),
         f"{split}_primary_acc": pooled["acc"]["mean"],
         f"{split}_agreement_with_base": pooled["agreement"]["agreement"],
-        "heldout_kl_to_base": general["kl"],
-        "heldout_ppl": general["ppl"],
+        "general_heldout_kl_to_base": general["kl"],
+        "general_heldout_ppl": general["ppl"],
     }
     if pooled["fgr"]["defined"]:
         low, high = pooled["fgr"]["ci"]
