@@ -88,14 +88,14 @@ def set_best_adapter(model: PreTrainedModel, run_dir: Path) -> None:
     path = run_dir / "state.safetensors"
     best = load_file(path)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {name: best.get(state_key("best", name, len(params) == 1)) for name in params}
     for name, p in params.items():
-        saved = best.get(state_key("best", name, len(params) == 1))
-        if saved is None or saved.shape != p.shape:
-            found = "none" if saved is None else tuple(saved.shape)
+        if (tensor := saved[name]) is None or tensor.shape != p.shape:
+            found = "none" if tensor is None else tuple(tensor.shape)
             raise ValueError(f"{path}: its best adapter has {found} for {name}, this adapter {tuple(p.shape)}")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(best[state_key("best", name, len(params) == 1)].to(p.device))
+            p.copy_(saved[name].to(p.device))
 
 
 def trainable_parameters(model: PreTrainedModel) -> int:
