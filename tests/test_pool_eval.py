@@ -83,7 +83,7 @@ def general_records() -> list[dict]:
     ]
 
 
-def constructed(compressed_equals_base: bool = False) -> dict:
+def constructed(compressed_equals_base: bool = False, domains: dict[str, str] | None = None) -> dict:
     pools = Pools(("x", "y"), "t", ("z",))
     shards = {
         ("eval", "x"): task_records(40, True, compressed_equals_base),
@@ -99,7 +99,7 @@ def constructed(compressed_equals_base: bool = False) -> dict:
     shards["eval", "z"] = z
     trainable = {"base": 0, "compressed": 0, "single": 64, "idp": 128, "forced:a": 64, "forced:b": 64}
     tokens = {"base": 0, "compressed": 0, "single": 4, "idp": 4, "forced:a": 4, "forced:b": 4}
-    return report(pools, shards, dict.fromkeys("xytz", 0.5), trainable, tokens, RESAMPLES)
+    return report(pools, shards, dict.fromkeys("xytz", 0.5), trainable, tokens, RESAMPLES, domains)
 
 
 def test_idp_that_picks_the_right_prompt_recovers_the_whole_gap_and_beats_single_and_both_forced_choices():
@@ -157,6 +157,26 @@ def test_the_table_has_one_row_per_method_with_its_cost():
         "| + IDP | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100.0 | 0.060 | 3.3 | 128 | 4 | 0.0100 |"
     )
     assert "| + best forced, dev-chosen (b) |" in table
+
+
+def test_the_task_label_router_sends_each_task_to_the_prompt_trained_on_it_and_idp_elsewhere():
+    # x's own prompt is a (right everywhere there), y's is a too (half right there); t has none: IDP's pick
+    summary = constructed(domains={"x": "a", "y": "a"})
+    own = summary["per_task"]
+    assert own["x"]["methods"]["own-domain"]["acc"] == 1.0 and own["y"]["methods"]["own-domain"]["acc"] == 0.5
+    assert own["t"]["methods"]["own-domain"]["acc"] == own["t"]["methods"]["idp"]["acc"]
+    assert summary["primary"]["methods"]["own-domain"]["acc"]["mean"] == pytest.approx(45 / 50)
+    assert summary["primary"]["paired"]["own-domain - single"]["difference"] == pytest.approx(0.4)
+    assert "own-domain" not in constructed()["primary"]["methods"]  # no domains given, no router
+
+
+def test_the_routing_table_shows_each_prompt_forced_per_task_and_where_idp_sends_the_task():
+    summary = constructed()
+    assert summary["routing"]["x"]["idp"] == {"forced:a": 1.0} and summary["routing"]["y"]["idp"] == {"forced:b": 1.0}
+    assert summary["routing"]["x"]["idp_is_oracle"] == 1.0
+    table = markdown(summary, "idp-serve evaluate-pool")
+    # x: a forced is right everywhere and IDP always selects it; b forced is right on half and never selected
+    assert "| x | 100.0 (100.0) | 50.0 (0.0) | 100.0 | 100.0 | 100.0 |" in table
 
 
 # ----- the command on tiny models ------------------------------------------------------------------------

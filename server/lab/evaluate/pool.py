@@ -200,6 +200,19 @@ def load_scoring(inputs: PoolInputs, bank: PromptBank, single: PromptBank) -> Sc
     return ScoringSet(base, scorers, bank_selector(compressed, bank), bank.prompt_names)
 
 
+def own_domains(bank: PromptBank, tasks: list[str]) -> dict[str, str]:
+    """Per evaluated task, the bank prompt trained on it: the one prompt whose manifest sources hold the task
+    (`corpus.SOURCES`); tasks no prompt, or several, trained on are left out."""
+    prompts = bank.manifest.trained.get("prompts", {})
+    out = {}
+    for task in tasks:
+        sources = {p: prompts.get(p, {}).get("sources", ()) for p in bank.prompt_names}
+        holders = [p for p, names in sources.items() if any(task in SOURCES.get(s, ()) for s in names)]
+        if len(holders) == 1:
+            out[task] = holders[0]
+    return out
+
+
 def trainable_parameters(inputs: PoolInputs, bank: PromptBank, single: PromptBank) -> dict[str, int]:
     """What each method trained: one prompt (single, each forced), the bank (IDP), the adapter (LoRA)."""
     counts = {"base": 0, "compressed": 0, "single": single.embeddings.numel(), "idp": bank.embeddings.numel()}
@@ -390,7 +403,8 @@ def evaluate_pool(
     chance = {u.task: task_chance(u.items) for u in prepared.units if u.kind == "eval"}
     trainable = trainable_parameters(inputs, prepared.bank, prepared.single)
     tokens = prompt_tokens(inputs, prepared.bank, prepared.single)
-    summary = report(inputs.pools, merged_records(shards), chance, trainable, tokens, inputs.bootstrap)
+    domains = own_domains(prepared.bank, list(chance))
+    summary = report(inputs.pools, merged_records(shards), chance, trainable, tokens, inputs.bootstrap, domains)
     out = inputs.out / f"evaluation-{inputs.split}.json"
     body = {
         "command": inputs.command,

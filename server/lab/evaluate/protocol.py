@@ -4,7 +4,8 @@ Everything here is a function of the records the shards hold (picks, answers, se
 so anyone can recompute the report from the committed JSON. Besides the scored methods it derives: IDP (the
 selected prompt's forced outcome), the label-free oracle (per example, the bank prompt with the lowest token KL
 to the base model over context + answer), "any prompt correct" (an upper bound, not a method: it has no pick),
-and the best forced prompt chosen on test (favours that baseline) and on the dev pass.
+the best forced prompt chosen on test (favours that baseline) and on the dev pass, and the router that knows each
+example's task (the prompt trained on it): what routing by domain could reach at best.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from server.lab.pooled import (
 
 PRESEEN = ("unit_identification", "step_inference")
 """Tasks whose test results were seen before the protocol was written: the secondary analysis leaves them out."""
-ORACLE, ANY = "oracle", "any-correct"
+ORACLE, ANY, DOMAIN = "oracle", "any-correct", "own-domain"
 Outcomes = dict[str, np.ndarray]
 
 
@@ -95,6 +96,23 @@ def tabulate(records: dict[str, list[dict]]) -> Table:
         correct.setdefault(ANY, {})[task] = np.max([correct[m][task] for m in forced], axis=0)
         norm.setdefault(ANY, {})[task] = np.max([norm[m][task] for m in forced], axis=0)
     return Table(correct, norm, picks)
+
+
+def with_own_domain(table: Table, domains: dict[str, str]) -> Table:
+    """Adds the task-label router: per task the bank prompt trained on it (`domains`: task -> prompt name), IDP's
+    pick on tasks no prompt was trained on. It needs labels no request carries, so it bounds what routing by
+    domain could give; when it does not beat the single prompt, no better router of this bank will by domain."""
+    if not domains:
+        return table
+
+    def routed(field: dict[str, Outcomes]) -> Outcomes:
+        return {t: field[f"forced:{domains[t]}" if t in domains else "idp"][t] for t in field["idp"]}
+
+    return Table(
+        table.correct | {DOMAIN: routed(table.correct)},
+        table.correct_norm | {DOMAIN: routed(table.correct_norm)},
+        table.picks | {DOMAIN: routed(table.picks)},
+    )
 
 
 def only(outcomes: Outcomes, tasks: tuple[str, ...] | list[str]) -> Outcomes:
@@ -187,12 +205,14 @@ def report(
     trainable: dict[str, int],
     prompt_tokens: dict[str, int],
     resamples: int,
+    domains: dict[str, str] | None = None,
 ) -> dict:
     """The protocol's summary from every shard's records: per task, the primary pool (FGR, agreement, paired
     differences, targets), the secondary pool without the pre-seen tasks, the transfer task, the do-no-harm set,
-    the general-text fidelity, and the cost per method."""
+    the general-text fidelity, the cost per method, and where IDP routes each task (`domains`, task -> the prompt
+    trained on it, adds the task-label router)."""
     evaluated = {task: rows for (kind, task), rows in shards.items() if kind == "eval"}
-    table = tabulate(evaluated)
+    table = with_own_domain(tabulate(evaluated), domains or {})
     dev = tabulate({task: rows for (kind, task), rows in shards.items() if kind == "dev-choice"})
     primary = pooled_block(table, pools.primary, resamples)
     chosen = {"test": best_forced(table.correct, pools.primary), "dev": best_forced(dev.correct, pools.primary)}
@@ -203,6 +223,8 @@ def report(
         "idp - best forced (dev-chosen)": paired_difference(pool["idp"], pool[chosen["dev"]], resamples),
         **{f"idp - {m}": paired_difference(pool["idp"], pool[m], resamples) for m in pool if m.startswith("lora:")},
     }
+    if DOMAIN in pool:
+        paired["own-domain - single"] = paired_difference(pool[DOMAIN], pool["single"], resamples)
     secondary = [t for t in pools.primary if t not in PRESEEN]
     eval_rows = [r for t in pools.primary for r in evaluated[t]]
     return {
@@ -240,6 +262,19 @@ def report(
             "oracle_prompts": _shares([oracle_prompt(r) for r in eval_rows]),
             "idp_prompts": _shares(["forced:" + r["selected"] for r in eval_rows]),
         },
+        "routing": {t: routing(evaluated[t]) for t in pools.tasks},
+    }
+
+
+def routing(rows: list[dict]) -> dict:
+    """Where IDP sends a task's examples: the share of each selected prompt, the label-free oracle's shares, and
+    how often the two agree (the headroom a better router could reach is the oracle's accuracy)."""
+    selected = ["forced:" + r["selected"] for r in rows]
+    oracle = [oracle_prompt(r) for r in rows]
+    return {
+        "idp": _shares(selected),
+        "oracle": _shares(oracle),
+        "idp_is_oracle": float(np.mean([s == o for s, o in zip(selected, oracle, strict=True)])),
     }
 
 
@@ -282,6 +317,7 @@ def _rows(summary: dict) -> list[tuple[str, str]]:
         (f"+ best forced, test-chosen ({chosen['test'][7:]})", chosen["test"]),
         (f"+ best forced, dev-chosen ({chosen['dev'][7:]})", chosen["dev"]),
         ("oracle prompt per example (label-free)", ORACLE),
+        *([("own-domain prompt per task (task label known)", DOMAIN)] if DOMAIN in methods else []),
         ("any prompt correct (upper bound)", ANY),
     ]
     return rows + [(f"+ forced {m[7:]}", m) for m in methods if m.startswith("forced:")]
@@ -353,9 +389,31 @@ def markdown(summary: dict, command: str) -> str:
                 for m, d in summary["do_no_harm"].items()
             ),
         ]
+    lines += _routing_table(summary)
     shown = [k for _, k in _rows(summary)[:4]] + [m for m in primary["methods"] if m.startswith("lora:")]
     lines += ["", "| task | n | chance | " + " | ".join(shown) + " |", "|---|---|---|" + "---|" * len(shown)]
     for task, info in summary["per_task"].items():
         cells = [f"{_pct(info['methods'][m]['acc'])} {_ci(info['methods'][m]['acc_ci'])}" for m in shown]
         lines.append(f"| {task} | {info['n']} | {_pct(info['chance'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _routing_table(summary: dict) -> list[str]:
+    """Per task, each bank prompt forced (acc %) with the share of examples IDP sends to it in parentheses, and
+    how often IDP's pick is the label-free oracle's."""
+    forced = [m for m in summary["primary"]["methods"] if m.startswith("forced:")]
+    lines = [
+        "",
+        "Per task, each bank prompt forced: accuracy % (share of the task's examples IDP selects it, %)",
+        "",
+        "| task | " + " | ".join(m[7:] for m in forced) + " | IDP | oracle | IDP = oracle % |",
+        "|---|" + "---|" * (len(forced) + 3),
+    ]
+    for task, info in summary["per_task"].items():
+        route = summary["routing"][task]
+        cells = [f"{_pct(info['methods'][m]['acc'])} ({_pct(route['idp'].get(m, 0.0))})" for m in forced]
+        idp, oracle = info["methods"]["idp"]["acc"], info["methods"][ORACLE]["acc"]
+        lines.append(
+            f"| {task} | " + " | ".join(cells) + f" | {_pct(idp)} | {_pct(oracle)} | {_pct(route['idp_is_oracle'])} |"
+        )
+    return lines
