@@ -151,10 +151,11 @@ def test_general_text_kl_and_perplexity_are_per_token_over_documents():
 def test_the_table_has_one_row_per_method_with_its_cost():
     table = markdown(constructed(), "idp-serve evaluate-pool")
     idp = next(line for line in table.splitlines() if line.startswith("| + IDP |"))
-    # pooled acc with its CI, FGR, agreement, KL per token (1.8 / 30), ppl exp(36 / 30), bank size, the prompt's
-    # tokens, selection
+    # pooled acc with its CI, FGR, acc_norm, agreement, KL per token (1.8 / 30), ppl exp(36 / 30), bank size, the
+    # prompt's tokens, selection
     assert idp.startswith(
-        "| + IDP | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100.0 | 0.060 | 3.3 | 128 | 4 | 0.0100 |"
+        "| + IDP | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100.0 | 0.060 | 3.3 | 128 | 4 "
+        "| 0.0100 |"
     )
     assert "| + best forced, dev-chosen (b) |" in table
 

@@ -335,9 +335,9 @@ def markdown(summary: dict, command: str) -> str:
         f"KL(base || method) and perplexity on {summary['general']['tokens']:,} held-out general tokens "
         f"({summary['general']['documents']} documents).",
         "",
-        "| method | pooled acc % [95% CI] | FGR % [95% CI] | agreement with base % | KL | ppl | trainable params "
-        "| prompt tokens/request | selection s/request |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | pooled acc % [95% CI] | FGR % [95% CI] | acc_norm % [95% CI] | agreement with base % | KL | ppl "
+        "| trainable params | prompt tokens/request | selection s/request |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, key in _rows(summary):
         m = primary["methods"][key]
@@ -350,7 +350,8 @@ def markdown(summary: dict, command: str) -> str:
         tokens = str(cost["prompt_tokens"][key]) if key in cost["prompt_tokens"] else ""
         select = f"{cost['selection_s']:.4f}" if key == "idp" else ""
         lines.append(
-            f"| {label} | {_pct(m['acc']['mean'])} {_ci(m['acc']['ci'])} | {fgr_text} | {agree} | {kl} | {ppl} "
+            f"| {label} | {_pct(m['acc']['mean'])} {_ci(m['acc']['ci'])} | {fgr_text} "
+            f"| {_pct(m['acc_norm']['mean'])} {_ci(m['acc_norm']['ci'])} | {agree} | {kl} | {ppl} "
             f"| {params} | {tokens} | {select} |"
         )
     lines += ["", "| paired difference (pooled, points) | estimate | 95% CI |", "|---|---|---|"]
