@@ -257,6 +257,27 @@ def test_dynamic_completion_decodes_behind_the_selected_prompt_and_reports_it(
     assert prefix is not None and prefix.bank.name == "alpha" and prefix.index == row
 
 
+def test_a_one_prompt_bank_decodes_behind_its_prompt_without_a_selection_pass() -> None:
+    banks = {"alpha": bank("alpha", 3, 4), "single": bank("single", 1, 4)}
+    selectors = {name: FakeSelector(b.k) for name, b in banks.items()}
+    srv = Server(BankSet(banks, selectors, "single"))
+    with TestClient(srv.app, raise_server_exceptions=False) as client:
+        response = complete(client, prompt="Hello", max_tokens=5)
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    assert choice["idp"] == {
+        "mode": "dynamic",
+        "bank": "single",
+        "prompt": "single-p0",
+        "scores": None,
+        "margin": None,
+        "selection_ms": 0.0,
+    }
+    assert selectors["single"].scored == []  # no pass ran
+    ((_, prefix, _),) = srv.engine.calls
+    assert prefix is not None and prefix.bank.name == "single" and prefix.index == 0
+
+
 def test_several_inputs_and_n_choices_are_numbered_input_major(server: tuple[Server, TestClient]) -> None:
     _, client = server
     prompts = ["ab", "abcd"]

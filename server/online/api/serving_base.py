@@ -181,6 +181,9 @@ class ServingBase:
         if plan.mode == "forced":
             info = IdpInfo(mode="forced", bank=plan.bank.name, prompt=plan.bank.prompt_names[plan.forced])
             return [Input(ids, text, Prefix(plan.bank, plan.forced), info) for ids, text in prompts]
+        if plan.bank.k == 1:  # nothing to choose: a pass would only cost time to confirm the one prompt
+            info = IdpInfo(mode="dynamic", bank=plan.bank.name, prompt=plan.bank.prompt_names[0], selection_ms=0.0)
+            return [Input(ids, text, Prefix(plan.bank, 0), info) for ids, text in prompts]
         try:
             selections = await self.selection.select(plan.selector, [ids for ids, _ in prompts])
         except SelectionUnavailableError as error:
