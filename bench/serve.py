@@ -20,7 +20,9 @@ virtual tokens and B's do not, so neither arm's prefix cache serves the other. `
 inputs instead, for the repeated-traffic case.
 
 Printed: one table per workload, throughput (requests/s), p50 and p95 latency of each arm and the ratios A / B,
-and the median selection time the server reports for A (`idp.selection_ms`). Everything also goes to `--json`.
+the median selection time the server reports for A (`idp.selection_ms`) and, when the server speculates
+(`--idp-flag=--selection-speculation=idle`), how many of A's guessed decodes it kept (its `/metrics`). Everything
+also goes to `--json`.
 
     python bench/serve.py [--workloads scoring generation] [--concurrency 1 8 32] [--requests-per-level 4]
                           [--model M] [--banks-dir DIR] [--bank default] [--input-pool N] [--json PATH]
@@ -43,6 +45,7 @@ from typing import Any
 
 import httpx
 from launch import free_port, server_process  # bench/launch.py, beside this script
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from server.core.banks import bank_dir, load_bank
@@ -84,6 +87,9 @@ class Level:
     output_tokens: int = 0
     selection_ms: list[float] = field(default_factory=list)
     """idp-serve's per-input selection time (`idp.selection_ms`); empty for arm B, which selects nothing."""
+    guesses: dict[str, float] = field(default_factory=dict)
+    """Speculative decodes during this level by outcome (hit, miss), from the server's `/metrics`; all 0 unless
+    the server runs with `--selection-speculation`."""
 
     @property
     def throughput(self) -> float:
@@ -160,9 +166,21 @@ def run_workload(
         batch = [next(pool) for _ in range(n)]
         results[c] = {}
         for arm in ARMS if index % 2 == 0 else ARMS[::-1]:
+            before = speculations(url)
             results[c][arm] = asyncio.run(load(url, [make(arm, ids) for ids in batch], c))
+            results[c][arm].guesses = {k: v - before[k] for k, v in speculations(url).items()}
             print(f"  {workload.name} c={c} {arm}: {results[c][arm].throughput:.2f} req/s", file=sys.stderr)
     return results
+
+
+def speculations(url: str) -> dict[str, float]:
+    """The server's speculative decodes so far, by outcome (`idp_speculations_total`)."""
+    counts = {"hit": 0.0, "miss": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "idp_speculations_total":
+                counts[sample.labels["outcome"]] = sample.value
+    return counts
 
 
 def iter_inputs(inputs: list[list[int]]) -> Iterator[list[int]]:
@@ -177,16 +195,18 @@ def table(workload: str, results: dict[int, dict[str, Level]]) -> str:
         f"{workload}: A = IDP on, B = IDP off",
         "",
         "| concurrency | A req/s | B req/s | throughput A/B | A p50 s | B p50 s | p50 A/B | A p95 s | B p95 s "
-        "| p95 A/B | A selection ms (median) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p95 A/B | A selection ms (median) | A guesses right |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c, arms in results.items():
         a, b = arms["A"], arms["B"]
         selection = statistics.median(a.selection_ms) if a.selection_ms else float("nan")
+        guessed = a.guesses.get("hit", 0) + a.guesses.get("miss", 0)
+        right = f"{a.guesses['hit']:.0f}/{guessed:.0f}" if guessed else "-"
         lines.append(
             f"| {c} | {a.throughput:.2f} | {b.throughput:.2f} | {a.throughput / b.throughput:.2f}x "
             f"| {a.p(50):.2f} | {b.p(50):.2f} | {a.p(50) / b.p(50):.2f}x "
-            f"| {a.p(95):.2f} | {b.p(95):.2f} | {a.p(95) / b.p(95):.2f}x | {selection:.0f} |"
+            f"| {a.p(95):.2f} | {b.p(95):.2f} | {a.p(95) / b.p(95):.2f}x | {selection:.0f} | {right} |"
         )
     return "\n".join(lines)
 

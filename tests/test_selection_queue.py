@@ -7,6 +7,8 @@ the tests can say which inputs cost a selection pass.
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Sequence
 
 import pytest
@@ -115,3 +117,50 @@ def test_a_refused_input_is_not_remembered_and_does_not_fail_its_neighbours(sele
     assert isinstance(refused, ValueError) and "out of range" in str(refused)
     assert good[0].seconds > 0
     assert selector.scored.count(bad) == 3, "the failed batch, the culprit alone, then the second request again"
+
+
+class Fixed:
+    """A selector that picks row `index[0]` for every input (changeable between calls)."""
+
+    def __init__(self) -> None:
+        self.index = [0]
+
+    def select(self, batch: Sequence[Sequence[int]]) -> list[Selection]:
+        return [Selection(index=self.index[0], scores=(0.5, 0.5), margin=0.0, seconds=0.001) for _ in batch]
+
+
+def test_the_guess_is_the_inputs_remembered_selection_else_its_selectors_last_else_none() -> None:
+    async def main() -> list[int | None]:
+        queue = SelectionQueue(max_batch=1, wait_s=0.0, cache_size=8)
+        queue.start()
+        first, other = Fixed(), Fixed()
+        try:
+            guesses = [queue.guess(first, A)]  # nothing selected yet
+            first.index[0] = 1
+            await queue.select(first, [A])
+            first.index[0] = 0
+            await queue.select(first, [B])
+            return [*guesses, queue.guess(first, A), queue.guess(first, C), queue.guess(other, C)]
+        finally:
+            await queue.stop()
+
+    # A remembered (row 1); C unseen: the last selection (row 0, of B); another selector has none
+    assert asyncio.run(main()) == [None, 1, 0, None]
+
+
+def test_a_guess_does_not_keep_a_reloaded_banks_selector_alive() -> None:
+    async def main() -> bool:
+        queue = SelectionQueue(max_batch=1, wait_s=0.0, cache_size=0)
+        queue.start()
+        try:
+            selector = Fixed()
+            await queue.select(selector, [A])
+            assert queue.guess(selector, B) == 0
+            gone = weakref.ref(selector)
+            del selector  # the bank set that held it was replaced
+            gc.collect()
+            return gone() is None
+        finally:
+            await queue.stop()
+
+    assert asyncio.run(main())

@@ -23,6 +23,7 @@ import httpx
 import psutil
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.core.banks import PromptBank
@@ -362,6 +363,40 @@ def test_concurrent_requests_keep_their_own_prompt(srv_live: LiveServer, tiny_ll
     assert all(text == sequential[prompt] for prompt, text in results)
     alone = client.completions.create(model=tiny_llama.name, prompt=dynamic, max_tokens=2)
     assert [idp(r.choices[0])["prompt"] for r in dynamic_results] == [idp(c)["prompt"] for c in alone.choices]
+
+
+def test_speculation_answers_exactly_as_without_it_and_aborts_the_decodes_it_does_not_keep(
+    srv_live: LiveServer, srv_selector: CachedSelector, srv_tokenizer: Any, tiny_llama: Path
+) -> None:
+    ids = torch.randint(10, srv_tokenizer.vocab_size, (40, 12), generator=torch.Generator().manual_seed(7)).tolist()
+    rows = [s.index for s in srv_selector.select(ids)]  # fresh inputs (token ids), so no selection is remembered
+    first = 0
+    same = next(i for i in range(1, len(ids)) if rows[i] == rows[first])  # guessed right from `first`
+    other = next(i for i in range(1, len(ids)) if rows[i] != rows[first])  # guessed wrong from `same`
+    client = srv_live.client()
+    serving = srv_live.app.state.completion_serving
+    before = {o: REGISTRY.get_sample_value("idp_speculations_total", {"outcome": o}) or 0.0 for o in ("hit", "miss")}
+    serving.speculation = "always"
+    try:
+        answers = [
+            client.completions.create(model=tiny_llama.name, prompt=ids[i], max_tokens=8, temperature=0)
+            for i in (first, same, other)
+        ]
+    finally:
+        serving.speculation = "off"
+    after = {o: REGISTRY.get_sample_value("idp_speculations_total", {"outcome": o}) or 0.0 for o in ("hit", "miss")}
+    assert after["hit"] >= before["hit"] + 1 and after["miss"] >= before["miss"] + 1
+    for i, answer in zip((first, same, other), answers, strict=True):
+        chosen = idp(answer.choices[0])["prompt"]
+        assert chosen == f"alpha-p{rows[i]}"
+        forced = client.completions.create(
+            model=tiny_llama.name, prompt=ids[i], max_tokens=8, temperature=0, extra_body={"idp": {"prompt": chosen}}
+        )
+        assert answer.choices[0].text == forced.choices[0].text
+    deadline = time.monotonic() + 10
+    while srv_live.engine.unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert srv_live.engine.unfinished_requests() == 0, "an aborted guess left a request in vLLM"
 
 
 @pytest.mark.parametrize(

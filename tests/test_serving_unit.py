@@ -11,6 +11,7 @@ vLLM itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import string
@@ -22,6 +23,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -30,7 +32,7 @@ from server.core.identity import Fingerprint
 from server.core.selection import Selection
 from server.online.api.errors import install_error_handlers
 from server.online.api.router import router
-from server.online.api.serving_base import Limits
+from server.online.api.serving_base import Limits, Speculation
 from server.online.api.serving_chat import ChatServing
 from server.online.api.serving_completion import CompletionServing
 from server.online.api.serving_models import ModelsServing
@@ -96,6 +98,17 @@ class FakeEngine(Engine):
         self.dead = False
         self.die_after_tokens: int | None = None
         self.calls: list[tuple[list[int], Prefix | None, DecodeParams]] = []
+        self.request_ids: list[str] = []
+        self.aborted: list[str] = []
+        self.busy = 0
+        """What `unfinished_requests` answers: requests vLLM would hold besides the test's."""
+        self.prefill_s = 0.0
+        """How long a decode takes before its first output (its prefill)."""
+        self.log: list[str] = []
+        """'start <id>' and 'abort <id>', in the order the engine saw them."""
+
+    def unfinished_requests(self) -> int:
+        return self.busy
 
     @property
     def tokenizer(self) -> Any:
@@ -116,6 +129,20 @@ class FakeEngine(Engine):
         if self.dead:
             raise EngineUnavailableError("the engine core died")
         self.calls.append((token_ids, prefix, params))
+        self.request_ids.append(request_id)
+        self.log.append(f"start {request_id}")
+        try:
+            await asyncio.sleep(self.prefill_s)
+            async for out in self._decode(token_ids, prefix, params):
+                yield out
+        except (asyncio.CancelledError, GeneratorExit):  # what vLLM's generate answers with an abort
+            self.aborted.append(request_id)
+            self.log.append(f"abort {request_id}")
+            raise
+
+    async def _decode(
+        self, token_ids: list[int], prefix: Prefix | None, params: DecodeParams
+    ) -> AsyncIterator[DecodeOutput]:
         count = max(params.max_tokens, 1)
         texts = [expected_text(None if prefix is None else prefix.index, c, count) for c in range(params.n)]
         prompt_logprobs = None
@@ -193,7 +220,7 @@ def bank_set(selector_type: type[FakeSelector] = FakeSelector, default: str | No
 class Server:
     """The router and error handlers over the fake engine, with a real SelectionQueue and BankRegistry."""
 
-    def __init__(self, banks: BankSet, loader: Any = None) -> None:
+    def __init__(self, banks: BankSet, loader: Any = None, speculation: Speculation = "off") -> None:
         self.engine = FakeEngine()
         self.banks = BankRegistry(loader or (lambda: banks), banks)
 
@@ -201,8 +228,10 @@ class Server:
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             self.queue = SelectionQueue(max_batch=8, wait_s=0.001, cache_size=16)
             self.queue.start()
-            app.state.completion_serving = CompletionServing(self.engine, MODEL, self.banks, self.queue, LIMITS)
-            app.state.chat_serving = ChatServing(self.engine, MODEL, self.banks, self.queue, LIMITS)
+            app.state.completion_serving = CompletionServing(
+                self.engine, MODEL, self.banks, self.queue, LIMITS, speculation
+            )
+            app.state.chat_serving = ChatServing(self.engine, MODEL, self.banks, self.queue, LIMITS, speculation)
             app.state.models_serving = ModelsServing(self.engine, MODEL, "/models/fake", self.banks, self.queue)
             yield
             await self.queue.stop()
@@ -459,6 +488,93 @@ def test_a_dead_engine_is_503_before_a_stream_and_an_error_event_inside_one(serv
             error_of(complete(client, prompt="Hello", max_tokens=2, stream=stream), 503)["code"] == "engine_unavailable"
         )
     assert error_of(client.get("/health"), 503)["code"] == "engine_unavailable"
+
+
+# ----- speculation: a decode started behind a guessed prompt while the pass runs ------------------------------
+
+
+class FailsOnSevenSelector(FakeSelector):
+    """Selects as FakeSelector, but raises (a selector bug) on an input of seven tokens."""
+
+    def select(self, batch: Sequence[Sequence[int]]) -> list[Selection]:
+        if any(len(ids) == 7 for ids in batch):
+            raise ValueError("a selector bug")
+        return super().select(batch)
+
+
+def row_of(text: str) -> int:
+    """The row FakeSelector picks in bank alpha (3 prompts) for this input."""
+    return len(TOKENIZER.encode(text)) % 3
+
+
+def speculations(outcome: str) -> float:
+    return REGISTRY.get_sample_value("idp_speculations_total", {"outcome": outcome}) or 0.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_right_guess_keeps_the_decode_started_before_the_selection_answered(stream: bool) -> None:
+    srv = Server(bank_set(), speculation="always")
+    with TestClient(srv.app) as client:
+        complete(client, prompt="Hello", max_tokens=5)  # the bank's first selection: nothing to guess from
+        assert srv.engine.request_ids[-1].endswith("-0")
+        hits = speculations("hit")
+        assert row_of("World") == row_of("Hello")
+        response = complete(client, prompt="World", max_tokens=5, stream=stream)
+    text = (
+        "".join(e["choices"][0]["text"] for e in events(response)) if stream else response.json()["choices"][0]["text"]
+    )
+    assert text == expected_text(row_of("World"), 0, 5)
+    assert srv.engine.request_ids[-1].endswith("-0-guess") and len(srv.engine.calls) == 2, "one decode, kept"
+    assert srv.engine.aborted == [] and speculations("hit") == hits + 1
+
+
+def test_a_wrong_guess_is_aborted_and_the_input_decoded_behind_the_selected_prompt() -> None:
+    srv = Server(bank_set(), speculation="always")
+    with TestClient(srv.app) as client:
+        complete(client, prompt="Hello", max_tokens=5)
+        misses = speculations("miss")
+        srv.engine.prefill_s = 0.2  # the guess is still prefilling when the pass answers
+        assert row_of("Hey!") != row_of("Hello")
+        response = complete(client, prompt="Hey!", max_tokens=5)
+    (choice,) = response.json()["choices"]
+    assert (
+        choice["text"] == expected_text(row_of("Hey!"), 0, 5) and choice["idp"]["prompt"] == f"alpha-p{row_of('Hey!')}"
+    )
+    guess, kept = srv.engine.calls[-2:]
+    assert guess[1] is not None and guess[1].index == row_of("Hello")
+    assert kept[1] is not None and kept[1].index == row_of("Hey!")
+    guess_id, kept_id = srv.engine.request_ids[-2:]
+    assert guess_id.endswith("-guess") and srv.engine.aborted == [guess_id]
+    assert srv.engine.log[-3:] == [f"start {guess_id}", f"abort {guess_id}", f"start {kept_id}"], "aborted first"
+    assert speculations("miss") == misses + 1
+
+
+def test_idle_speculation_waits_for_an_idle_engine_and_off_never_speculates() -> None:
+    srv = Server(bank_set(), speculation="idle")
+    with TestClient(srv.app) as client:
+        complete(client, prompt="Hello", max_tokens=2)
+        srv.engine.busy = 1
+        complete(client, prompt="World", max_tokens=2)
+        assert not srv.engine.request_ids[-1].endswith("-guess"), "vLLM holds a request: no speculation"
+        srv.engine.busy = 0
+        complete(client, prompt="World", max_tokens=2)
+        assert srv.engine.request_ids[-1].endswith("-guess")
+    off = Server(bank_set())
+    with TestClient(off.app) as client:
+        for text in ("Hello", "World"):
+            complete(client, prompt=text, max_tokens=2)
+    assert not any(i.endswith("-guess") for i in off.engine.request_ids)
+
+
+def test_a_failed_selection_aborts_the_speculative_decode_and_answers_as_without_speculation() -> None:
+    srv = Server(bank_set(FailsOnSevenSelector), speculation="always")
+    with TestClient(srv.app, raise_server_exceptions=False) as client:
+        complete(client, prompt="Hello", max_tokens=2)
+        srv.engine.prefill_s = 1.0  # the guess is still prefilling when the pass fails
+        error = error_of(complete(client, prompt="Goodbye", max_tokens=2), 500)
+        guess_id = srv.engine.request_ids[-1]
+        assert guess_id.endswith("-guess") and srv.engine.aborted == [guess_id], "aborted before the 500 went out"
+    assert error["type"] == "internal_error"
 
 
 # ----- models and bank reload -------------------------------------------------------------------------------

@@ -148,8 +148,8 @@ async def _start(settings: ServeSettings) -> _Running:
         engine,
         queue,
         banks,
-        completion=CompletionServing(engine, name, banks, queue, limits),
-        chat=ChatServing(engine, name, banks, queue, limits),
+        completion=CompletionServing(engine, name, banks, queue, limits, settings.selection_speculation),
+        chat=ChatServing(engine, name, banks, queue, limits, settings.selection_speculation),
         models=ModelsServing(engine, name, str(folder), banks, queue),
     )
 

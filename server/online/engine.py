@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,9 +247,12 @@ class Engine:
         prompt = self._engine_prompt(token_ids, prefix)
         first = True
         try:
-            async for out in self._llm.generate(prompt, _sampling_params(params), request_id):
-                yield _convert(out, virtual, include_prompt=first)
-                first = False
+            # aclosing: a caller that stops early (a disconnect, a speculative decode not kept) closes vLLM's
+            # generator now, which aborts the request, rather than whenever the garbage collector gets to it.
+            async with aclosing(self._llm.generate(prompt, _sampling_params(params), request_id)) as outputs:
+                async for out in outputs:
+                    yield _convert(out, virtual, include_prompt=first)
+                    first = False
         except EngineDeadError as error:
             raise EngineUnavailableError(str(error)) from error
         except VLLMClientError as error:

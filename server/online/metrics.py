@@ -75,6 +75,12 @@ SELECTION_SECONDS = Histogram(
 SELECTION_BATCH = Histogram(
     "idp_selection_batch_size", "Inputs scored per selection pass.", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
+SPECULATIONS = Counter(
+    "idp_speculations",
+    "Decodes submitted behind a guessed prompt before the selection pass answered, by outcome: hit (the pass "
+    "chose the guess, the decode went on) or miss (aborted, decoded again behind the chosen prompt).",
+    ["outcome"],
+)
 SELECTION_CACHE_QUERIES = Counter(
     "idp_selection_cache_queries", "Inputs looked up in the selection cache (every dynamically selected input)."
 )
@@ -108,6 +114,8 @@ def _zero_fixed_label_sets() -> None:
         for mode in MODES:
             REQUESTS.labels(endpoint, mode)
     SELECTIONS.labels(NO_BANK, NO_BANK, "none")
+    for outcome in ("hit", "miss"):
+        SPECULATIONS.labels(outcome)
 
 
 _zero_fixed_label_sets()
@@ -187,6 +195,10 @@ def selection_pass(results: Sequence[Selection]) -> None:
     Not labelled by bank: the queue batches by selector object, which a bank reload replaces, not by name."""
     SELECTION_SECONDS.observe(results[0].seconds)
     SELECTION_BATCH.observe(len(results))
+
+
+def speculation(hit: bool) -> None:
+    SPECULATIONS.labels("hit" if hit else "miss").inc()
 
 
 def selection_cache_lookup(hit: bool) -> None:

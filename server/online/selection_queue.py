@@ -23,6 +23,9 @@ Selections are remembered (an LRU of `cache_size` entries, keyed by selector and
 vLLM's prefix cache remembers prefills: an input seen before (a client's retry, an evaluation rerun, the same
 input twice in one batch) skips the pass. A remembered selection reports 0 seconds, the time this request spent
 on it. Keys hold the selector itself, so a reloaded bank never answers from its predecessor's entries.
+
+`guess` is the prompt a speculative decode starts with before the pass has answered: the remembered selection of
+that very input, else the last one its selector made (traffic of one kind tends to pick one prompt).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -79,6 +83,9 @@ class SelectionQueue:
         self._wait_s = wait_s
         self._cache_size = cache_size
         self._cache: OrderedDict[_Key, Selection] = OrderedDict()
+        # the last selection per selector, for `guess`; weak, so a reloaded bank's selectors (and the prompt KV
+        # they hold) do not outlive their bank set for the sake of a guess
+        self._last: weakref.WeakKeyDictionary[Selector, int] = weakref.WeakKeyDictionary()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idp-selection")
         self._worker: asyncio.Task[None] | None = None
@@ -130,6 +137,12 @@ class SelectionQueue:
         scored = iter(await asyncio.gather(*(o for o in outcomes if not isinstance(o, Selection))))
         return [outcome if isinstance(outcome, Selection) else next(scored) for outcome in outcomes]
 
+    def guess(self, selector: Selector, token_ids: Sequence[int]) -> int | None:
+        """The likeliest prompt row for this input before its pass runs: its remembered selection, else the last
+        selection of this selector, else None. A guess only: the pass still decides."""
+        remembered = self._cache.get(_key(selector, token_ids))
+        return remembered.index if remembered is not None else self._last.get(selector)
+
     def _recall(self, key: _Key) -> Selection | None:
         selection = self._cache.get(key)
         if selection is not None:
@@ -163,10 +176,14 @@ class SelectionQueue:
 
     async def _run(self) -> None:
         while True:
-            batch = await self._collect()
-            for selector in {id(item.selector): item.selector for item in batch}.values():
-                await self._select_bank([item for item in batch if item.selector is selector])
-            self._in_pass = []
+            await self._pass(await self._collect())
+
+    async def _pass(self, batch: list[_Pending]) -> None:
+        """One pass per bank of the batch. Its own frame, so that nothing of a finished batch (its selectors, a
+        reloaded bank's among them) stays referenced while the worker waits for the next."""
+        for selector in {id(item.selector): item.selector for item in batch}.values():
+            await self._select_bank([item for item in batch if item.selector is selector])
+        self._in_pass = []
 
     async def _collect(self) -> list[_Pending]:
         """The first waiting input, plus whatever else arrives within `wait_s`, up to `max_batch`. Taken inputs
@@ -203,6 +220,7 @@ class SelectionQueue:
                 await self._select_bank([same for same in items if same.key == item.key])
             return
         metrics.selection_pass(results)
+        self._last[items[0].selector] = results[-1].index
         by_key = {item.key: result for item, result in zip(distinct, results, strict=True)}
         for key, result in by_key.items():
             self._remember(key, result)

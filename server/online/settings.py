@@ -82,6 +82,14 @@ class ServeSettings(Settings):
         "(on a loaded host it made passes slower, docs/serving-cost.md). 0: torch_threads plus one per core "
         "vLLM pinned its workers to, within the cgroup's CPU quota. N: N threads.",
     )
+    selection_speculation: Literal["off", "idle", "always"] = Field(
+        "off",
+        description="Submit a dynamic input's decode behind a guessed prompt (its remembered selection, else "
+        "the bank's last) while its selection pass runs; the pass still decides, and a wrong guess is aborted "
+        "and decoded again behind the selected prompt, so answers are exactly those without it. idle: only "
+        "while vLLM holds no request; always: every dynamic input; off (default) until bench/serve.py has "
+        "measured it (docs/serving-cost.md).",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(

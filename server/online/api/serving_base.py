@@ -12,6 +12,13 @@ What was chosen is reported per choice (`choice.idp`) and in headers (`x-idp-*`,
 input order). A request plans with the bank set current when it arrives and keeps it to the end, so a bank
 reload never changes a request halfway (see server/online/bank_registry.py).
 
+Speculation (`--selection-speculation`, off by default): a dynamic input's decode is submitted with a guessed
+prompt (the selection queue's `guess`) while its selection pass runs, so the pass and vLLM's prefill overlap
+instead of queueing. The pass still decides: when it picks the guessed prompt the decode goes on, otherwise it is
+aborted and the input is decoded behind the selected prompt, so what a caller gets is exactly what it would get
+without speculation. `idle` speculates only while vLLM holds no request (a miss then costs idle cores only),
+`always` on every dynamic input.
+
 Errors: the caller's mistakes (a bad token id, an input over the context, an unknown bank) are refused with a 400
 before anything is selected or decoded; a dead engine or selection worker is a 503; anything else that goes wrong
 is this server's fault and reaches the caller as a 500, its traceback in the log.
@@ -19,10 +26,11 @@ is this server's fault and reaches the caller as a 500, its traceback in the log
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
@@ -37,7 +45,7 @@ from server.online.api.protocol import (
     IdpRequest,
     Usage,
 )
-from server.online.api.streams import merge
+from server.online.api.streams import Started, merge
 from server.online.bank_registry import BankRegistry
 from server.online.engine import (
     DecodeOutput,
@@ -55,6 +63,7 @@ MIN_LOGPROB = -9999.0
 """OpenAI's stand-in for -inf, which JSON cannot carry."""
 
 T = TypeVar("T")
+Speculation = Literal["off", "idle", "always"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,13 @@ class ServingBase:
     """The `endpoint` label of this endpoint's metrics (one of metrics.ENDPOINTS)."""
 
     def __init__(
-        self, engine: Engine, model_name: str, banks: BankRegistry, selection: SelectionQueue, limits: Limits
+        self,
+        engine: Engine,
+        model_name: str,
+        banks: BankRegistry,
+        selection: SelectionQueue,
+        limits: Limits,
+        speculation: Speculation = "off",
     ) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -111,6 +126,7 @@ class ServingBase:
         self.banks = banks
         self.selection = selection
         self.limits = limits
+        self.speculation = speculation
 
     def check_model(self, model: str) -> None:
         """404 for another model's name; 503 (before any stream starts) once the engine has died."""
@@ -162,12 +178,35 @@ class ServingBase:
             )
         return IdpPlan("forced", bank, forced=bank.index(idp.prompt))
 
-    async def prepare(self, prompts: list[tuple[list[int], str]], plan: IdpPlan, max_tokens: int) -> list[Input]:
-        """Check every input, then give each its prefix: selected (one batched pass), forced, or none.
+    async def decode(
+        self, request_id: str, prompts: list[tuple[list[int], str]], plan: IdpPlan, params: DecodeParams
+    ) -> tuple[list[Input], AsyncIterator[tuple[int, DecodeOutput]]]:
+        """Check every input, give each its prefix (selected, forced or none), count the request, and return the
+        inputs with their decodes, merged and counted as they pass; engine errors become API errors."""
+        self.check_inputs(prompts, plan, params.max_tokens)
+        started = self._speculate(request_id, prompts, plan, params)
+        try:
+            inputs = await self.choose(prompts, plan)
+        except BaseException:  # a failed selection or a caller gone: nobody will read the speculative decodes
+            await asyncio.gather(*(decode.abort() for _, decode in started.values()))
+            raise
+        self.observe_accepted(plan.mode, inputs)
+        streams = []
+        for i, item in enumerate(inputs):
+            guess, decode = started.get(i, (None, None))
+            if decode is not None:
+                hit = item.prefix is not None and item.prefix.index == guess
+                metrics.speculation(hit)
+                if hit:
+                    streams.append(decode.stream())
+                    continue
+                await decode.abort()
+            streams.append(self.engine.generate(f"{request_id}-{i}", item.token_ids, item.prefix, params))
+        return inputs, _count_generated(self.endpoint, params, _translate_errors(merge(streams)))
 
-        Every input is checked by the engine (ids in the vocabulary, [prefix | input | max_tokens] within the
-        context) before it reaches the selector, so the selector only sees inputs it can score: whatever it raises
-        then is a fault of this server (a 500), and a dead selection worker is a 503."""
+    def check_inputs(self, prompts: list[tuple[list[int], str]], plan: IdpPlan, max_tokens: int) -> None:
+        """400 naming the input and the problem for anything the engine would refuse (ids in the vocabulary,
+        [prefix | input | max_tokens] within the context), before anything is selected or decoded."""
         # Every prompt of a bank has the same length m, so row 0 stands for whichever prompt gets chosen.
         any_prefix = None if plan.bank is None else Prefix(plan.bank, 0)
         for i, (token_ids, _) in enumerate(prompts):
@@ -176,6 +215,27 @@ class ServingBase:
             except EngineRequestError as error:
                 where = f"prompt {i}: " if len(prompts) > 1 else ""
                 raise invalid(where + str(error), param=error.param) from error
+
+    def _speculate(
+        self, request_id: str, prompts: list[tuple[list[int], str]], plan: IdpPlan, params: DecodeParams
+    ) -> dict[int, tuple[int, Started[DecodeOutput]]]:
+        """Per input to be selected, a decode submitted now behind the guessed prompt row (see the module doc);
+        none when speculation is off, the engine busy under `idle`, the bank single or there is no guess."""
+        if plan.mode != "dynamic" or plan.bank is None or plan.bank.k == 1 or plan.selector is None:
+            return {}
+        if self.speculation == "off" or (self.speculation == "idle" and self.engine.unfinished_requests() > 0):
+            return {}
+        started = {}
+        for i, (token_ids, _) in enumerate(prompts):
+            guess = self.selection.guess(plan.selector, token_ids)
+            if guess is not None:
+                source = self.engine.generate(f"{request_id}-{i}-guess", token_ids, Prefix(plan.bank, guess), params)
+                started[i] = (guess, Started(source))
+        return started
+
+    async def choose(self, prompts: list[tuple[list[int], str]], plan: IdpPlan) -> list[Input]:
+        """Each input with its prefix: selected (one batched pass), forced, or none; a dead selection worker is a
+        503, and whatever the selector raises on checked inputs is this server's fault (a 500)."""
         if plan.bank is None:
             return [Input(ids, text) for ids, text in prompts]
         if plan.mode == "forced":
@@ -208,16 +268,6 @@ class ServingBase:
         metrics.request_accepted(self.endpoint, mode, sum(len(x.token_ids) for x in inputs))
         for item in inputs:
             metrics.prompt_used(item.idp.mode, item.idp.bank, item.idp.prompt, item.idp.margin)
-
-    def generate(
-        self, request_id: str, inputs: list[Input], params: DecodeParams
-    ) -> AsyncIterator[tuple[int, DecodeOutput]]:
-        """All inputs' decodes, merged, counted as they pass; engine errors become API errors."""
-        streams = [
-            self.engine.generate(f"{request_id}-{i}", item.token_ids, item.prefix, params)
-            for i, item in enumerate(inputs)
-        ]
-        return _count_generated(self.endpoint, params, _translate_errors(merge(streams)))
 
 
 def sampling_fields(request: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from server.online.api.protocol import (
 )
 from server.online.api.serving_base import (
     MIN_LOGPROB,
+    IdpPlan,
     Input,
     Served,
     ServingBase,
@@ -47,16 +48,16 @@ class ChatServing(ServingBase):
         plan = self.plan(request.idp)
         rendered = self._render(request)
         token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
-        inputs = await self.prepare([(token_ids, rendered)], plan, requested or 1)
-        max_tokens = requested or min(self._room_left(inputs[0]), self.limits.max_tokens or self.engine.max_model_len)
-        self.observe_accepted(plan.mode, inputs)
+        max_tokens = requested or min(
+            self._room_left(token_ids, plan), self.limits.max_tokens or self.engine.max_model_len
+        )
         params = DecodeParams(
             **sampling_fields(request, max_tokens),
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
             stream=request.stream,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = self.generate(request_id, inputs, params)
+        inputs, outputs = await self.decode(request_id, [(token_ids, rendered)], plan, params)
         if request.stream:
             return Served(sse(self._stream(request, request_id, inputs[0], outputs)), idp_headers(inputs))
         (final,) = await collect(outputs, 1)
@@ -86,10 +87,11 @@ class ChatServing(ServingBase):
         except Exception as error:  # a template refusing these messages is the caller's problem
             raise invalid(f"cannot apply the chat template: {error}", param="messages") from error
 
-    def _room_left(self, item: Input) -> int:
-        """Default chat max_tokens: whatever context the prompt (and its soft prompt) leaves."""
-        virtual = 0 if item.prefix is None else item.prefix.bank.m
-        return self.engine.max_model_len - virtual - len(item.token_ids)
+    def _room_left(self, token_ids: list[int], plan: IdpPlan) -> int:
+        """Default chat max_tokens: whatever context the prompt and its soft prompt leave (every prompt of a bank
+        has the bank's length, so it is known before one is chosen)."""
+        virtual = 0 if plan.bank is None else plan.bank.m
+        return self.engine.max_model_len - virtual - len(token_ids)
 
     async def _stream(
         self,

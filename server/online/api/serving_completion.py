@@ -36,8 +36,7 @@ class CompletionServing(ServingBase):
         self.check_model(request.model)
         self.check_limits(request.n, request.max_tokens, "max_tokens")
         plan = self.plan(request.idp)
-        inputs = await self.prepare(self._prompts(request.prompt), plan, request.max_tokens)
-        self.observe_accepted(plan.mode, inputs)
+        prompts = self._prompts(request.prompt)
         params = DecodeParams(
             **sampling_fields(request, request.max_tokens),
             logprobs=request.logprobs,
@@ -45,7 +44,7 @@ class CompletionServing(ServingBase):
             stream=request.stream,
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        outputs = self.generate(request_id, inputs, params)
+        inputs, outputs = await self.decode(request_id, prompts, plan, params)
         if request.stream:
             return Served(sse(self._stream(request, request_id, inputs, outputs)), idp_headers(inputs))
         finals = await collect(outputs, len(inputs))

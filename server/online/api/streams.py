@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -48,6 +48,41 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Started(Generic[T]):
+    """An async iterator whose first item is being fetched already, for a decode submitted before the caller knows
+    it will keep it (speculation). `stream` continues it, first item included; `abort` cancels it, which for an
+    engine decode aborts the request (vLLM aborts a request whose generator is cancelled or closed)."""
+
+    def __init__(self, source: AsyncIterator[T]) -> None:
+        self._source = source
+        self._first: asyncio.Task[tuple[bool, T | None]] = asyncio.create_task(self._fetch_first())
+
+    async def _fetch_first(self) -> tuple[bool, T | None]:
+        try:
+            return True, await anext(self._source)
+        except StopAsyncIteration:
+            return False, None
+
+    async def stream(self) -> AsyncIterator[T]:
+        got, first = await self._first
+        if not got:
+            return
+        yield first  # type: ignore[misc]
+        async for item in self._source:
+            yield item
+
+    async def abort(self) -> None:
+        """Stop it, wherever it is, and swallow what it raises: nobody will read its outputs."""
+        self._first.cancel()
+        await asyncio.gather(self._first, return_exceptions=True)
+        close = getattr(self._source, "aclose", None)
+        try:
+            if close is not None:
+                await close()
+        except Exception:  # noqa: BLE001 - an abandoned decode's error concerns nobody
+            logger.debug("an aborted speculative decode raised on close", exc_info=True)
 
 
 async def collect(outputs: AsyncIterator[tuple[int, DecodeOutput]], count: int) -> list[DecodeOutput]:
