@@ -16,6 +16,7 @@ from server.lab.evaluate.lora import recipe_lora_method
 from server.lab.lora_recipe import (
     LoraSpec,
     choose_lr,
+    grid_choice,
     load_lora,
     lora_model,
     lora_trainable,
@@ -157,3 +158,10 @@ def test_the_learning_rate_is_chosen_on_dev_by_short_runs_that_start_the_full_ru
     chosen_spec = spec(lr=chosen)
     train_lora(student_with(chosen_spec), general, chosen_spec, full, dev=dev, progress=False)
     assert RunFolder(tmp_path / f"r4-lr{chosen:g}").log() == full.log()[:8], "the chosen short run starts the full run"
+
+
+def test_a_rate_chosen_at_the_grids_edge_is_flagged() -> None:
+    kl = {"0.001": 0.8, "0.003": 0.7}
+    assert grid_choice([1e-3, 3e-3], 3e-3, kl, 60)["at_edge"]
+    assert not grid_choice([1e-4, 1e-3, 1e-2], 1e-3, kl, 60)["at_edge"]
+    assert grid_choice([1e-4, 1e-3, 1e-2], 1e-4, kl, 60)["at_edge"]

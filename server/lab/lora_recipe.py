@@ -152,6 +152,18 @@ def choose_lr(
     return float(min(scored, key=scored.__getitem__)), results
 
 
+def grid_choice(grid: list[float], chosen: float, results: dict, steps: int) -> dict:
+    """What lr-grid.json records: every rate's dev KL, the chosen rate, and whether it is the grid's smallest or
+    largest (then the best rate may lie outside the grid, and the baseline may be under-tuned)."""
+    return {
+        "grid": results,
+        "grid_steps": steps,
+        "chosen_lr": chosen,
+        "criterion": "best dev KL",
+        "at_edge": len(grid) > 1 and chosen in (min(grid), max(grid)),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train (or resume) the LoRA baseline against the default compressed model; state in bench/runs/<run>/.
 
@@ -218,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         spec = base.model_copy(update={"lr": chosen})
         if not (run.folder / "state.json").exists():  # the chosen short run is this run's first steps: go on from it
             shutil.copytree(RUNS_DIR / f"{args.run}-lr{chosen:g}", run.folder, dirs_exist_ok=True)
-        choice = {"grid": results, "grid_steps": args.grid_steps, "chosen_lr": chosen, "criterion": "best dev KL"}
+        choice = grid_choice(grid, chosen, results, args.grid_steps)
+        if choice["at_edge"]:
+            print(f"{args.run}: the chosen rate {chosen:g} is the grid's edge; a wider grid may do better", flush=True)
         (run.folder / "lr-grid.json").write_text(json.dumps(choice, indent=1))
     state = fit(spec, run)
     print_outcome(run, state, spec, args.seq_len, lr=spec.lr)
