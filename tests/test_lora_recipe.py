@@ -154,6 +154,10 @@ def test_the_learning_rate_is_chosen_on_dev_by_short_runs_that_start_the_full_ru
     assert grid.keys() == {"0.01", "0.3"} and grid[f"{chosen:g}"] == min(grid.values()), "the lowest dev KL wins"
     assert choose_lr([1e-2, 0.3], spec(), "r4", 8, fit, runs_dir=tmp_path) == (chosen, grid), "resumed, not redone"
     assert len(calls) == 2
+    for short in tmp_path.glob("r4-lr*"):
+        (short / "state.safetensors").unlink()  # a commit keeps only a finished short run's result
+    assert choose_lr([1e-2, 0.3], spec(), "r4", 8, fit, runs_dir=tmp_path) == (chosen, grid)
+    assert len(calls) == 2
     full = RunFolder(tmp_path / "full")
     chosen_spec = spec(lr=chosen)
     train_lora(student_with(chosen_spec), general, chosen_spec, full, dev=dev, progress=False)

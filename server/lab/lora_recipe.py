@@ -139,8 +139,7 @@ def choose_lr(
     results: dict[str, float | None] = {}
     for lr in grid:
         folder = RunFolder(runs_dir / f"{run}-lr{lr:g}")
-        saved = folder.load()
-        state = saved[0] if saved else RunState()
+        state = folder.state() or RunState()
         if state.step < steps and state.done is None:
             state = fit(base.model_copy(update={"lr": lr}), folder, steps - state.step)
             if state.step < steps and state.done is None:

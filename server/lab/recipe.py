@@ -178,10 +178,17 @@ class RunFolder:
             )
         path.write_text(json.dumps(record, indent=1))
 
-    def load(self) -> tuple[RunState, dict[str, torch.Tensor]] | None:
+    def state(self) -> RunState | None:
+        """Where the run stands (state.json alone): enough for a finished run, whose tensors a commit may leave
+        out (a learning-rate grid's short runs keep only their result)."""
         if not (self.folder / "state.json").exists():
             return None
-        state = RunState(**json.loads((self.folder / "state.json").read_text()))
+        return RunState(**json.loads((self.folder / "state.json").read_text()))
+
+    def load(self) -> tuple[RunState, dict[str, torch.Tensor]] | None:
+        state = self.state()
+        if state is None:
+            return None
         tensors = load_file(self.folder / "state.safetensors")
         if int(tensors["adam_step"].item()) != state.step:  # a copy taken between the two writes
             raise ValueError(
