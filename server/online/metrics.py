@@ -198,6 +198,7 @@ def selection_pass(results: Sequence[Selection]) -> None:
 
 
 def speculation(hit: bool) -> None:
+    """One speculative decode was settled; `hit`: the pass chose its guessed prompt and it was kept."""
     SPECULATIONS.labels("hit" if hit else "miss").inc()
 
 

@@ -204,9 +204,9 @@ def own_domains(bank: PromptBank, tasks: list[str]) -> dict[str, str]:
     """Per evaluated task, the bank prompt trained on it: the one prompt whose manifest sources hold the task
     (`corpus.SOURCES`); tasks no prompt, or several, trained on are left out."""
     prompts = bank.manifest.trained.get("prompts", {})
+    sources = {p: prompts.get(p, {}).get("sources", ()) for p in bank.prompt_names}
     out = {}
     for task in tasks:
-        sources = {p: prompts.get(p, {}).get("sources", ()) for p in bank.prompt_names}
         holders = [p for p, names in sources.items() if any(task in SOURCES.get(s, ()) for s in names)]
         if len(holders) == 1:
             out[task] = holders[0]
