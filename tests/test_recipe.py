@@ -1,9 +1,11 @@
 """The recipe on tiny models: the KD loss falls, a run stopped and resumed is the uninterrupted run bit for bit,
-the data of a step is a function of the step, and a run folder refuses another run's spec."""
+a run ahead of its teacher cache waits and resumes
+exactly, the data of a step is a function of the step, and a run folder refuses another run's spec."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from transformers import LlamaForCausalLM
 
 from server.lab.loading import freeze
 from server.lab.recipe import LiveTeacher, RecipeSpec, RunFolder, dev_kl, sampled_init, stream_index, train_prompt
+from server.lab.teacher_cache import CacheError, TeacherTargets
 from tests.helpers import micro_llama
 
 VOCAB = 64
@@ -85,6 +88,38 @@ def test_a_resumed_run_is_the_uninterrupted_run(setup, tmp_path: Path):
         assert torch.equal(load_file(whole.folder / name)["prompt"], load_file(pieces.folder / name)["prompt"])
     states = [json.loads((run.folder / "state.json").read_text()) for run in (whole, pieces)]
     assert states[0] == states[1]
+
+
+@dataclass
+class CacheBuiltSoFar:
+    """A teacher cache whose builder, running beside training, has written the targets of the first `ready`
+    blocks only."""
+
+    live: LiveTeacher
+    ready: int
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        return self.live.blocks
+
+    def targets(self, index: torch.Tensor) -> TeacherTargets:
+        if int(index.max()) >= self.ready:
+            raise CacheError(f"block {int(index.max())} is not cached yet")
+        return self.live.targets(index)
+
+
+@pytest.mark.parametrize("ready", [0, 8])
+def test_a_run_ahead_of_its_teacher_cache_waits_and_resumes_exactly(setup, tmp_path: Path, ready: int):
+    teacher, student, general, dev = setup
+    init = sampled_init(student, general.blocks, 4, seed=0)
+    whole, waiting = RunFolder(tmp_path / "whole"), RunFolder(tmp_path / "waiting")
+    train_prompt(student, init, general, spec(), whole, dev=dev, progress=False)
+    paused = train_prompt(student, init, CacheBuiltSoFar(general, ready), spec(), waiting, dev=dev, progress=False)
+    assert paused.step == ready // 4 and paused.done is None
+    resumed = train_prompt(student, init, general, spec(), RunFolder(waiting.folder), dev=dev, progress=False)
+    assert resumed.done == "budget"
+    a, b = load_file(whole.folder / "state.safetensors"), load_file(waiting.folder / "state.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_data_of_a_step_is_a_function_of_the_step():

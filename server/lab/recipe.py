@@ -334,7 +334,8 @@ def train(
         try:
             ids, targets = _batch(state.step, general, general_per_batch, domain, spec)
         except CacheError as error:
-            save()
+            if optimizer.state:  # before the first step there is nothing to keep
+                save()
             print(f"waiting for the teacher cache: {error}", flush=True)
             return state
         loss = kd_loss(trainable.logits(ids.to(device)), targets.to(device)).mean()
