@@ -1,6 +1,6 @@
-"""The recipe on tiny models: the KD loss falls, a run stopped and resumed is the uninterrupted run bit for bit,
-a run ahead of its teacher cache waits and resumes
-exactly, the data of a step is a function of the step, and a run folder refuses another run's spec."""
+"""The recipe on tiny models: the KD loss falls, a run stopped and resumed is the uninterrupted run bit for bit
+(also one that ran ahead of its teacher cache and waited), the data of a step is a function of the step, and a
+run folder refuses another run's spec."""
 
 from __future__ import annotations
 
