@@ -127,6 +127,8 @@ def test_idp_that_picks_the_right_prompt_recovers_the_whole_gap_and_beats_single
 def test_transfer_and_do_no_harm_are_reported_apart_and_harm_is_flagged_only_when_the_ci_is_below_zero():
     summary = constructed()
     assert "t" not in summary["primary"]["best_forced"] and summary["transfer"]["idp"]["fgr"]["fgr"] == 1.0
+    line = next(x for x in markdown(summary, "c").splitlines() if x.startswith("Transfer task t"))
+    assert "idp 100.0" in line and "single " in line and "FGR 100.0" in line
     harm = summary["do_no_harm"]
     assert harm["single"]["difference"] == -1.0 and harm["single"]["harm"]
     assert harm["idp"]["difference"] == 0.0 and not harm["idp"]["harm"]

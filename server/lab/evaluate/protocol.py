@@ -323,6 +323,16 @@ def _rows(summary: dict) -> list[tuple[str, str]]:
     return rows + [(f"+ forced {m[7:]}", m) for m in methods if m.startswith("forced:")]
 
 
+def _transfer(method: str, block: dict) -> str:
+    """One method on the transfer task: accuracy, its paired difference to compressed, FGR, with CIs."""
+    fgr = block["fgr"]
+    return (
+        f"{method} {_pct(block['acc']['mean'])} {_ci(block['acc']['ci'])} "
+        f"({100 * block['vs_compressed']['difference']:+.1f} {_ci(block['vs_compressed']['ci'])}, FGR "
+        + (f"{_pct(fgr['fgr'])} {_ci(fgr['ci'])})" if fgr["defined"] else "undefined)")
+    )
+
+
 def markdown(summary: dict, command: str) -> str:
     """The README table (one row per method) and the paired differences, transfer, do-no-harm and per-task
     tables, in %, with 95% CIs."""
@@ -373,13 +383,11 @@ def markdown(summary: dict, command: str) -> str:
             + (f"{_pct(fgr['fgr'])} {_ci(fgr['ci'])}" if fgr["defined"] else "undefined (gap CI holds 0)"),
         ]
     if summary["transfer"]:
-        idp = summary["transfer"]["idp"]
+        compared = ["idp", "single", *(m for m in summary["transfer"] if m.startswith("lora:"))]
         lines += [
             "",
-            f"Transfer task {summary['pools']['transfer']}: IDP {_pct(idp['acc']['mean'])} "
-            f"{_ci(idp['acc']['ci'])}, vs compressed {100 * idp['vs_compressed']['difference']:+.1f} "
-            f"{_ci(idp['vs_compressed']['ci'])}, FGR "
-            + (f"{_pct(idp['fgr']['fgr'])} {_ci(idp['fgr']['ci'])}" if idp["fgr"]["defined"] else "undefined"),
+            f"Transfer task {summary['pools']['transfer']}, method (vs compressed, FGR): "
+            + "; ".join(_transfer(m, summary["transfer"][m]) for m in compared if m in summary["transfer"]),
         ]
     if summary["do_no_harm"]:
         lines += [
