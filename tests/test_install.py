@@ -235,6 +235,7 @@ def image_install(target: str) -> dict[str, str]:
 # the serving set, so this list cannot turn into a blanket pass.
 NEEDED_BY_SERVING = {
     "compressed-tensors",
+    "filelock",  # the lab locks archive extraction with it; vLLM and transformers need it too
     "httpx",
     "jsonschema",
     "loguru",
