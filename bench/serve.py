@@ -24,8 +24,13 @@ the median selection time the server reports for A (`idp.selection_ms`) and, whe
 (`--idp-flag=--selection-speculation=idle`), how many of A's guessed decodes it kept (its `/metrics`). Everything
 also goes to `--json`.
 
+`--forced PROMPT` adds a third arm, F: the bank's prompt PROMPT forced (`"mode": "forced"`), so vLLM decodes
+[prompt | input] as in A but no selection pass runs. It splits A's cost into the prompt's (F / B: m more
+positions to prefill, sent as embeddings) and the selection's (A / F).
+
     python bench/serve.py [--workloads scoring generation] [--concurrency 1 8 32] [--requests-per-level 4]
                           [--model M] [--banks-dir DIR] [--bank default] [--input-pool N] [--json PATH]
+                          [--forced PROMPT]
                           [--idp-flag=--selection-idle-threads=0 ...]
 """
 
@@ -69,7 +74,7 @@ WORKLOADS = {
     "generation": Workload("generation", 128, {"max_tokens": 64, "temperature": 0, "ignore_eos": True}),
 }
 ARMS = ("A", "B")
-"""A: IDP on (dynamic selection over the bank); B: IDP off."""
+"""A: IDP on (dynamic selection over the bank); B: IDP off. With `--forced`, F too: one prompt forced, no pass."""
 MIN_REQUESTS = 16
 """Requests of a level at least: at concurrency 1, 4 requests made a p50 that moved by 5-8% from run to run."""
 WARMUP = 2
@@ -155,17 +160,18 @@ def run_workload(
     concurrency: list[int],
     counts: list[int],
     make: Callable[[str, list[int]], dict[str, Any]],
+    arms: tuple[str, ...] = ARMS,
 ) -> dict[int, dict[str, Level]]:
-    """Warm up, then at each concurrency run both arms on the same inputs, alternating which goes first."""
+    """Warm up, then at each concurrency run every arm on the same inputs, alternating which goes first."""
     pool = iter_inputs(inputs)
     warm = [next(pool) for _ in range(WARMUP)]
-    for arm in ARMS:
+    for arm in arms:
         asyncio.run(load(url, [make(arm, ids) for ids in warm], 1))
     results: dict[int, dict[str, Level]] = {}
     for index, (c, n) in enumerate(zip(concurrency, counts, strict=True)):
         batch = [next(pool) for _ in range(n)]
         results[c] = {}
-        for arm in ARMS if index % 2 == 0 else ARMS[::-1]:
+        for arm in arms if index % 2 == 0 else arms[::-1]:
             before = speculations(url)
             results[c][arm] = asyncio.run(load(url, [make(arm, ids) for ids in batch], c))
             results[c][arm].guesses = {k: v - before[k] for k, v in speculations(url).items()}
@@ -174,8 +180,8 @@ def run_workload(
 
 
 def speculations(url: str) -> dict[str, float]:
-    """The server's speculative decodes so far, by outcome (`idp_speculations_total`)."""
-    counts = {"hit": 0.0, "miss": 0.0}
+    """The server's guesses so far, by outcome (`idp_speculations_total`: hit, miss, skipped)."""
+    counts = {"hit": 0.0, "miss": 0.0, "skipped": 0.0}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
         for sample in family.samples:
             if sample.name == "idp_speculations_total":
@@ -190,24 +196,30 @@ def iter_inputs(inputs: list[list[int]]) -> Iterator[list[int]]:
 
 
 def table(workload: str, results: dict[int, dict[str, Level]]) -> str:
-    """The markdown table of one workload: each arm's numbers and the ratios A / B."""
+    """The markdown table of one workload: each arm's numbers and the ratios A / B (and F / B with a forced arm)."""
+    forced = "F" in next(iter(results.values()))
     lines = [
-        f"{workload}: A = IDP on, B = IDP off",
+        f"{workload}: A = IDP on, B = IDP off" + (", F = one prompt forced (no selection pass)" if forced else ""),
         "",
         "| concurrency | A req/s | B req/s | throughput A/B | A p50 s | B p50 s | p50 A/B | A p95 s | B p95 s "
-        "| p95 A/B | A selection ms (median) | A guesses right |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p95 A/B | A selection ms (median) | A guesses right |"
+        + (" F p50 s | throughput F/B | p50 F/B |" if forced else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if forced else ""),
     ]
     for c, arms in results.items():
         a, b = arms["A"], arms["B"]
         selection = statistics.median(a.selection_ms) if a.selection_ms else float("nan")
         guessed = a.guesses.get("hit", 0) + a.guesses.get("miss", 0)
         right = f"{a.guesses['hit']:.0f}/{guessed:.0f}" if guessed else "-"
-        lines.append(
+        line = (
             f"| {c} | {a.throughput:.2f} | {b.throughput:.2f} | {a.throughput / b.throughput:.2f}x "
             f"| {a.p(50):.2f} | {b.p(50):.2f} | {a.p(50) / b.p(50):.2f}x "
             f"| {a.p(95):.2f} | {b.p(95):.2f} | {a.p(95) / b.p(95):.2f}x | {selection:.0f} | {right} |"
         )
+        if forced:
+            f = arms["F"]
+            line += f" {f.p(50):.2f} | {f.throughput / b.throughput:.2f}x | {f.p(50) / b.p(50):.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -216,11 +228,17 @@ def summary(results: dict[int, dict[str, Level]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for c, arms in results.items():
         a, b = arms["A"], arms["B"]
+        forced = {"F": arms["F"]} if "F" in arms else {}
         out[str(c)] = {
             "ratios": {
                 "throughput": a.throughput / b.throughput,
                 "p50": a.p(50) / b.p(50),
                 "p95": a.p(95) / b.p(95),
+                **{
+                    f"{key}_forced": value
+                    for f in forced.values()
+                    for key, value in (("throughput", f.throughput / b.throughput), ("p50", f.p(50) / b.p(50)))
+                },
             },
             **{
                 arm: asdict(level) | {"throughput": level.throughput, "p50": level.p(50), "p95": level.p(95)}
@@ -263,12 +281,18 @@ def main() -> None:
         help="cycle through this many inputs per workload (default: all distinct)",
     )
     parser.add_argument(
+        "--forced", metavar="PROMPT", help="add arm F: this prompt of the bank forced, no selection pass"
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench-serve.json", help="results file"
     )
     args = parser.parse_args()
 
     folder = resolve(args.model, serve.models_dir)
     bank = load_bank(bank_dir(args.banks_dir, args.bank))
+    if args.forced is not None and args.forced not in bank.prompt_names:
+        parser.error(f"--forced {args.forced!r}: bank {args.bank!r} has the prompts {bank.prompt_names}")
+    arms = ARMS + (("F",) if args.forced is not None else ())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     counts = levels(args.concurrency, args.requests_per_level, args.min_requests)
     needed = WARMUP + sum(counts)
@@ -293,16 +317,21 @@ def main() -> None:
         for workload, inputs in zip(chosen, per_workload, strict=True):
 
             def make(arm: str, ids: list[int], workload: Workload = workload) -> dict[str, Any]:
-                idp = {"bank": args.bank, "mode": "dynamic"} if arm == "A" else {"mode": "none"}
+                idp = {
+                    "A": {"bank": args.bank, "mode": "dynamic"},
+                    "B": {"mode": "none"},
+                    "F": {"bank": args.bank, "mode": "forced", "prompt": args.forced},
+                }[arm]
                 return {"model": name, "prompt": ids, "idp": idp, **workload.body}
 
-            results[workload.name] = run_workload(url, workload, inputs, args.concurrency, counts, make)
+            results[workload.name] = run_workload(url, workload, inputs, args.concurrency, counts, make, arms)
 
     config = {
         "model": folder.name,
         "bank": {"name": args.bank, "k": bank.k, "m": bank.m},
         "dtype": args.dtype,
         "idp_flags": args.idp_flag,
+        "forced": args.forced,
         "requests_per_arm": dict(zip(map(str, args.concurrency), counts, strict=True)),
         "inputs": "every input distinct" if args.input_pool is None else f"cycled from a pool of {args.input_pool}",
         "cpus": os.cpu_count(),
