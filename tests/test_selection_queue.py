@@ -148,6 +148,19 @@ def test_the_guess_is_the_inputs_remembered_selection_else_its_selectors_last_el
     assert asyncio.run(main()) == [None, 1, 0, None]
 
 
+def test_the_guess_rate_starts_trusting_and_follows_the_recent_guesses_of_each_selector() -> None:
+    queue = SelectionQueue(max_batch=1, wait_s=0.0)
+    traffic, other = Fixed(), Fixed()
+    assert queue.guess_rate(traffic) == 1.0, "a new bank's first guesses are tried"
+    for _ in range(7):
+        queue.score_guess(traffic, guessed=0, chosen=1)
+    assert queue.guess_rate(traffic) == pytest.approx(0.9**7)  # an exponential average, newest weighted 0.1
+    for _ in range(30):
+        queue.score_guess(traffic, guessed=2, chosen=2)
+    assert queue.guess_rate(traffic) > 0.95, "right guesses win it back"
+    assert queue.guess_rate(other) == 1.0, "each selector (bank) has its own"
+
+
 def test_a_guess_does_not_keep_a_reloaded_banks_selector_alive() -> None:
     async def main() -> bool:
         queue = SelectionQueue(max_batch=1, wait_s=0.0, cache_size=0)

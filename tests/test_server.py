@@ -376,14 +376,15 @@ def test_speculation_answers_exactly_as_without_it_and_aborts_the_decodes_it_doe
     client = srv_live.client()
     serving = srv_live.app.state.completion_serving
     before = {o: REGISTRY.get_sample_value("idp_speculations_total", {"outcome": o}) or 0.0 for o in ("hit", "miss")}
-    serving.speculation = "always"
+    default, serving.speculation = serving.speculation, "always"
+    assert default == "idle", "a server speculates while vLLM is idle unless told otherwise"
     try:
         answers = [
             client.completions.create(model=tiny_llama.name, prompt=ids[i], max_tokens=8, temperature=0)
             for i in (first, same, other)
         ]
     finally:
-        serving.speculation = "off"
+        serving.speculation = default
     after = {o: REGISTRY.get_sample_value("idp_speculations_total", {"outcome": o}) or 0.0 for o in ("hit", "miss")}
     assert after["hit"] >= before["hit"] + 1 and after["miss"] >= before["miss"] + 1
     for i, answer in zip((first, same, other), answers, strict=True):

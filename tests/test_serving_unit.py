@@ -220,7 +220,9 @@ def bank_set(selector_type: type[FakeSelector] = FakeSelector, default: str | No
 class Server:
     """The router and error handlers over the fake engine, with a real SelectionQueue and BankRegistry."""
 
-    def __init__(self, banks: BankSet, loader: Any = None, speculation: Speculation = "off") -> None:
+    def __init__(
+        self, banks: BankSet, loader: Any = None, speculation: Speculation = "off", min_guess_rate: float = 0.0
+    ) -> None:
         self.engine = FakeEngine()
         self.banks = BankRegistry(loader or (lambda: banks), banks)
 
@@ -228,10 +230,9 @@ class Server:
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             self.queue = SelectionQueue(max_batch=8, wait_s=0.001, cache_size=16)
             self.queue.start()
-            app.state.completion_serving = CompletionServing(
-                self.engine, MODEL, self.banks, self.queue, LIMITS, speculation
-            )
-            app.state.chat_serving = ChatServing(self.engine, MODEL, self.banks, self.queue, LIMITS, speculation)
+            shared = (self.engine, MODEL, self.banks, self.queue, LIMITS, speculation, min_guess_rate)
+            app.state.completion_serving = CompletionServing(*shared)
+            app.state.chat_serving = ChatServing(*shared)
             app.state.models_serving = ModelsServing(self.engine, MODEL, "/models/fake", self.banks, self.queue)
             yield
             await self.queue.stop()
@@ -564,6 +565,35 @@ def test_idle_speculation_waits_for_an_idle_engine_and_off_never_speculates() ->
         for text in ("Hello", "World"):
             complete(client, prompt=text, max_tokens=2)
     assert not any(i.endswith("-guess") for i in off.engine.request_ids)
+
+
+def test_speculation_pauses_while_the_banks_guesses_mostly_miss_and_resumes_once_they_hit() -> None:
+    srv = Server(bank_set(), speculation="always", min_guess_rate=0.5)
+
+    def text(n: int, row: int) -> str:
+        """A new input (never remembered) that FakeSelector sends to `row`."""
+        body = f"input {n:03d} "
+        return body + "x" * ((row - len(body)) % 3)
+
+    def guessed(n: int, row: int) -> bool:
+        """Send input n; whether a decode was started on a guess (the answer is right either way)."""
+        before = len(srv.engine.request_ids)
+        choice = complete(client, prompt=text(n, row), max_tokens=1).json()["choices"][0]
+        assert choice["idp"]["prompt"] == f"alpha-p{row}" and choice["text"] == expected_text(row, 0, 1)
+        return any(i.endswith("-guess") for i in srv.engine.request_ids[before:])
+
+    with TestClient(srv.app) as client:
+        complete(client, prompt=text(0, 0), max_tokens=1)  # the bank's first selection: nothing to guess from
+        skipped = speculations("skipped")
+        # rows 1, 2, 0, 1, ...: every guess (the row before) is wrong; 0.9^n of the optimistic start drops
+        # under 0.5 after 7 misses, and from then on the decode waits for the pass
+        acted = [guessed(n, n % 3) for n in range(1, 11)]
+        assert acted == [True] * 7 + [False] * 3
+        assert speculations("skipped") == skipped + 3
+        # the same row again and again: the guesses are still scored, and the first right one lifts the rate
+        # back over 0.5 (0.9^10 = 0.35 -> 0.41, 0.47, 0.52)
+        acted = [guessed(n, 1) for n in range(11, 16)]
+    assert acted == [False, False, False, True, True], "resumes once the guesses hit again"
 
 
 def test_a_failed_selection_aborts_the_speculative_decode_and_answers_as_without_speculation() -> None:

@@ -142,14 +142,15 @@ async def _start(settings: ServeSettings) -> _Running:
     )
     queue.start()
     limits = Limits(settings.max_prompts, settings.max_n, settings.max_tokens_limit)
+    speculation = (settings.selection_speculation, settings.selection_speculation_min_hit_rate)
     current = banks.current
     logger.info("serving %s from %s with banks %s (default %s)", name, folder, sorted(current.banks), current.default)
     return _Running(
         engine,
         queue,
         banks,
-        completion=CompletionServing(engine, name, banks, queue, limits, settings.selection_speculation),
-        chat=ChatServing(engine, name, banks, queue, limits, settings.selection_speculation),
+        completion=CompletionServing(engine, name, banks, queue, limits, *speculation),
+        chat=ChatServing(engine, name, banks, queue, limits, *speculation),
         models=ModelsServing(engine, name, str(folder), banks, queue),
     )
 

@@ -77,8 +77,9 @@ SELECTION_BATCH = Histogram(
 )
 SPECULATIONS = Counter(
     "idp_speculations",
-    "Decodes submitted behind a guessed prompt before the selection pass answered, by outcome: hit (the pass "
-    "chose the guess, the decode went on) or miss (aborted, decoded again behind the chosen prompt).",
+    "Guessed prompts of dynamically selected inputs, by what speculation did with them: hit (decoded behind the "
+    "guess before the selection pass answered, and the pass chose it), miss (so decoded, aborted, decoded again "
+    "behind the chosen prompt) or skipped (not acted on: the bank's recent guesses were too often wrong).",
     ["outcome"],
 )
 SELECTION_CACHE_QUERIES = Counter(
@@ -114,7 +115,7 @@ def _zero_fixed_label_sets() -> None:
         for mode in MODES:
             REQUESTS.labels(endpoint, mode)
     SELECTIONS.labels(NO_BANK, NO_BANK, "none")
-    for outcome in ("hit", "miss"):
+    for outcome in ("hit", "miss", "skipped"):
         SPECULATIONS.labels(outcome)
 
 
@@ -200,6 +201,11 @@ def selection_pass(results: Sequence[Selection]) -> None:
 def speculation(hit: bool) -> None:
     """One speculative decode was settled; `hit`: the pass chose its guessed prompt and it was kept."""
     SPECULATIONS.labels("hit" if hit else "miss").inc()
+
+
+def speculation_skipped(guesses: int) -> None:
+    """`guesses` guessed inputs were not speculated on: their bank's recent guesses were too often wrong."""
+    SPECULATIONS.labels("skipped").inc(guesses)
 
 
 def selection_cache_lookup(hit: bool) -> None:

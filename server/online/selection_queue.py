@@ -25,7 +25,11 @@ input twice in one batch) skips the pass. A remembered selection reports 0 secon
 on it. Keys hold the selector itself, so a reloaded bank never answers from its predecessor's entries.
 
 `guess` is the prompt a speculative decode starts with before the pass has answered: the remembered selection of
-that very input, else the last one its selector made (traffic of one kind tends to pick one prompt).
+that very input, else the last one its selector made (traffic of one kind tends to pick one prompt). How often
+that is right depends on the traffic (one task's inputs mostly pick one prompt, a mix of tasks does not), so the
+queue also keeps each selector's `guess_rate`, the recent share of guesses its passes confirmed, scored by the
+caller for every guess whether it was acted on or not (`score_guess`); speculation asks it before betting a
+prefill on a guess.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ from server.online import metrics
 from server.online.placement import ThreadSwitch
 
 logger = logging.getLogger(__name__)
+
+GUESS_RATE_WEIGHT = 0.1
+"""Weight of the newest guess in a selector's `guess_rate` (an exponential average): the rate follows about the
+last ten to twenty guesses, so a change of traffic shows within a few dozen requests, one odd input does not."""
 
 
 class SelectionUnavailableError(RuntimeError):
@@ -86,6 +94,7 @@ class SelectionQueue:
         # the last selection per selector, for `guess`; weak, so a reloaded bank's selectors (and the prompt KV
         # they hold) do not outlive their bank set for the sake of a guess
         self._last: weakref.WeakKeyDictionary[Selector, int] = weakref.WeakKeyDictionary()
+        self._guess_rate: weakref.WeakKeyDictionary[Selector, float] = weakref.WeakKeyDictionary()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idp-selection")
         self._worker: asyncio.Task[None] | None = None
@@ -142,6 +151,16 @@ class SelectionQueue:
         selection of this selector, else None. A guess only: the pass still decides."""
         remembered = self._cache.get(_key(selector, token_ids))
         return remembered.index if remembered is not None else self._last.get(selector)
+
+    def guess_rate(self, selector: Selector) -> float:
+        """The recent share of this selector's scored guesses that its pass confirmed; 1.0 before any, so a
+        new bank's first guesses are tried (each scored one corrects the rate)."""
+        return self._guess_rate.get(selector, 1.0)
+
+    def score_guess(self, selector: Selector, guessed: int, chosen: int) -> None:
+        """Fold one guess and what the pass then chose into the selector's `guess_rate`."""
+        rate = self.guess_rate(selector)
+        self._guess_rate[selector] = rate + GUESS_RATE_WEIGHT * (float(guessed == chosen) - rate)
 
     def _recall(self, key: _Key) -> Selection | None:
         selection = self._cache.get(key)

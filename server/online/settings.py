@@ -78,17 +78,30 @@ class ServeSettings(Settings):
         ge=0,
         description="torch threads of a CPU selection pass that starts while vLLM holds no request, on every "
         "core, vLLM's idle worker cores included. 1 (default): off, every pass runs on torch_threads off the "
-        "worker cores, as it does whenever vLLM holds a request; off until bench/serve.py has shown it helps "
-        "(on a loaded host it made passes slower, docs/serving-cost.md). 0: torch_threads plus one per core "
+        "worker cores, as it does whenever vLLM holds a request; off because it helps only a lone pass with "
+        "speculation off (with speculation the engine holds the guessed decode during the pass) and made passes "
+        "slower on a loaded host (docs/serving-cost.md). 0: torch_threads plus one per core "
         "vLLM pinned its workers to, within the cgroup's CPU quota. N: N threads.",
     )
     selection_speculation: Literal["off", "idle", "always"] = Field(
-        "off",
+        "idle",
         description="Submit a dynamic input's decode behind a guessed prompt (its remembered selection, else "
         "the bank's last) while its selection pass runs; the pass still decides, and a wrong guess is aborted "
-        "and decoded again behind the selected prompt, so answers are exactly those without it. idle: only "
-        "while vLLM holds no request; always: every dynamic input; off (default) until bench/serve.py has "
-        "measured it (docs/serving-cost.md).",
+        "and decoded again behind the selected prompt, so answers are exactly those without it. idle "
+        "(default): only while vLLM holds no request, where the pass would otherwise run alone in front of the "
+        "prefill (bench/serve.py: it removes most of what IDP adds to a request at one client, "
+        "docs/serving-cost.md); always: every dynamic input, a miss then also costs a busy engine a prefill; "
+        "off: never.",
+    )
+    selection_speculation_min_hit_rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Speculate only while at least this share of the bank's recent guesses (an exponential "
+        "average over about the last ten to twenty) matched what the pass chose. A miss costs more than not "
+        "speculating (vLLM finishes the step it is in, the wasted prefill, before the right decode starts), a hit "
+        "saves the pass's time; at one client the two are about equal on CPU (docs/serving-cost.md), hence 0.5. "
+        "0: speculate whatever the guesses did.",
     )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")

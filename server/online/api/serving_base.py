@@ -12,12 +12,16 @@ What was chosen is reported per choice (`choice.idp`) and in headers (`x-idp-*`,
 input order). A request plans with the bank set current when it arrives and keeps it to the end, so a bank
 reload never changes a request halfway (see server/online/bank_registry.py).
 
-Speculation (`--selection-speculation`, off by default): a dynamic input's decode is submitted with a guessed
+Speculation (`--selection-speculation`, `idle` by default): a dynamic input's decode is submitted with a guessed
 prompt (the selection queue's `guess`) while its selection pass runs, so the pass and vLLM's prefill overlap
 instead of queueing. The pass still decides: when it picks the guessed prompt the decode goes on, otherwise it is
 aborted and the input is decoded behind the selected prompt, so what a caller gets is exactly what it would get
 without speculation. `idle` speculates only while vLLM holds no request (a miss then costs idle cores only),
-`always` on every dynamic input.
+`always` on every dynamic input. Either only while the bank's recent guesses were mostly right (the selection
+queue's `guess_rate` at least `min_guess_rate`): a miss is dearer than no speculation, since vLLM finishes the
+step it is in before an abort or a new request takes effect, so on traffic whose guesses mostly miss speculation
+would add latency. Every guess is scored against the pass's choice, acted on or not, so the rate keeps following
+the traffic while speculation waits.
 
 Errors: the caller's mistakes (a bad token id, an input over the context, an unknown bank) are refused with a 400
 before anything is selected or decoded; a dead engine or selection worker is a 503; anything else that goes wrong
@@ -119,6 +123,7 @@ class ServingBase:
         selection: SelectionQueue,
         limits: Limits,
         speculation: Speculation = "off",
+        min_guess_rate: float = 0.0,
     ) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -127,6 +132,7 @@ class ServingBase:
         self.selection = selection
         self.limits = limits
         self.speculation = speculation
+        self.min_guess_rate = min_guess_rate
 
     def check_model(self, model: str) -> None:
         """404 for another model's name; 503 (before any stream starts) once the engine has died."""
@@ -184,12 +190,14 @@ class ServingBase:
         """Check every input, give each its prefix (selected, forced or none), count the request, and return the
         inputs with their decodes, merged and counted as they pass; engine errors become API errors."""
         self.check_inputs(prompts, plan, params.max_tokens)
-        started = self._speculate(request_id, prompts, plan, params)
+        guesses = self._guesses(prompts, plan)
+        started = self._speculate(request_id, prompts, plan, params, guesses)
         try:
             inputs = await self.choose(prompts, plan)
         except BaseException:  # a failed selection or a caller gone: nobody will read the speculative decodes
             await asyncio.gather(*(decode.abort() for _, decode in started.values()))
             raise
+        self._score_guesses(plan, guesses, inputs)
         self.observe_accepted(plan.mode, inputs)
         streams = []
         for i, item in enumerate(inputs):
@@ -216,22 +224,46 @@ class ServingBase:
                 where = f"prompt {i}: " if len(prompts) > 1 else ""
                 raise invalid(where + str(error), param=error.param) from error
 
+    def _guesses(self, prompts: list[tuple[list[int], str]], plan: IdpPlan) -> dict[int, int]:
+        """Per input to be selected, the selection queue's guess of its prompt row; none when speculation is off,
+        the bank single or there is nothing to guess from."""
+        if self.speculation == "off" or plan.selector is None or plan.bank is None or plan.bank.k == 1:
+            return {}  # (only a dynamic plan has a selector)
+        guesses = {i: self.selection.guess(plan.selector, token_ids) for i, (token_ids, _) in enumerate(prompts)}
+        return {i: guess for i, guess in guesses.items() if guess is not None}
+
     def _speculate(
-        self, request_id: str, prompts: list[tuple[list[int], str]], plan: IdpPlan, params: DecodeParams
+        self,
+        request_id: str,
+        prompts: list[tuple[list[int], str]],
+        plan: IdpPlan,
+        params: DecodeParams,
+        guesses: dict[int, int],
     ) -> dict[int, tuple[int, Started[DecodeOutput]]]:
-        """Per input to be selected, a decode submitted now behind the guessed prompt row (see the module doc);
-        none when speculation is off, the engine busy under `idle`, the bank single or there is no guess."""
-        if plan.mode != "dynamic" or plan.bank is None or plan.bank.k == 1 or plan.selector is None:
+        """Per guessed input, a decode submitted now behind the guessed prompt row (see the module doc); none
+        when the engine is busy under `idle` or the bank's recent guesses were too often wrong."""
+        if not guesses or plan.bank is None or plan.selector is None:
             return {}
-        if self.speculation == "off" or (self.speculation == "idle" and self.engine.unfinished_requests() > 0):
+        if self.speculation == "idle" and self.engine.unfinished_requests() > 0:
+            return {}
+        if self.selection.guess_rate(plan.selector) < self.min_guess_rate:
+            metrics.speculation_skipped(len(guesses))
             return {}
         started = {}
-        for i, (token_ids, _) in enumerate(prompts):
-            guess = self.selection.guess(plan.selector, token_ids)
-            if guess is not None:
-                source = self.engine.generate(f"{request_id}-{i}-guess", token_ids, Prefix(plan.bank, guess), params)
-                started[i] = (guess, Started(source))
+        for i, guess in guesses.items():
+            source = self.engine.generate(f"{request_id}-{i}-guess", prompts[i][0], Prefix(plan.bank, guess), params)
+            started[i] = (guess, Started(source))
         return started
+
+    def _score_guesses(self, plan: IdpPlan, guesses: dict[int, int], inputs: list[Input]) -> None:
+        """Tell the selection queue how each guess fared against the pass, for inputs a pass scored (a
+        remembered selection is its own guess and proves nothing about the traffic)."""
+        if plan.selector is None:
+            return
+        for i, guess in guesses.items():
+            chosen = inputs[i].prefix
+            if chosen is not None and inputs[i].idp.selection_ms:
+                self.selection.score_guess(plan.selector, guess, chosen.index)
 
     async def choose(self, prompts: list[tuple[list[int], str]], plan: IdpPlan) -> list[Input]:
         """Each input with its prefix: selected (one batched pass), forced, or none; a dead selection worker is a
