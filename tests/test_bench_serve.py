@@ -1,7 +1,8 @@
-"""bench/serve.py runs end to end on a tiny model: both workloads, both arms, every level, tables and JSON, with
-the server speculating (so the guess counts are read too).
+"""The serving benchmarks run end to end on a tiny model. bench/serve.py: both workloads, all three arms (IDP on,
+off, one prompt forced), every level, tables and JSON, with the server speculating (so the guess counts are read
+too). bench/speculation.py: both traffic orders on its three servers.
 
-A smoke test of the benchmark's code paths (the scoring workload's echo + logprobs requests included), not a
+Smoke tests of the benchmarks' code paths (the scoring workload's echo + logprobs requests included), not a
 measurement: speed is only ever judged by running the benchmark itself on the real model.
 """
 
@@ -20,28 +21,74 @@ from tests.helpers import ROOT, random_bank
 
 
 @pytest.mark.slow
-def test_the_serving_benchmark_measures_both_workloads_with_idp_on_and_off(tiny_llama: Path, tmp_path: Path) -> None:
+def test_the_serving_benchmark_measures_both_workloads_with_idp_on_off_and_forced(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
     save_bank(random_bank(tiny_llama, "tiny", k=3, m=4, seed=0), tmp_path / "banks" / "tiny")
     out = tmp_path / "serve.json"
     command = [
         sys.executable, str(ROOT / "bench" / "serve.py"),
         "--model", str(tiny_llama), "--banks-dir", str(tmp_path / "banks"), "--bank", "tiny",
         "--concurrency", "1", "2", "--requests-per-level", "1", "--min-requests", "2", "--json", str(out),
-        "--idp-flag=--selection-speculation=always",
+        "--idp-flag=--selection-speculation=always", "--forced", "tiny-p1",
     ]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT)}  # the project importable however it was installed
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert "scoring (250-token prompts" in run.stdout and "generation (128-token prompts" in run.stdout
-    assert run.stdout.count("| p95 A/B |") == 2, run.stdout
+    assert run.stdout.count("| p95 A/B |") == 2 and run.stdout.count("| p50 F/B |") == 2, run.stdout
 
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"scoring", "generation"}
     for workload, output_tokens in (("scoring", 1), ("generation", 64)):
         for level in ("1", "2"):
-            a, b = results[workload][level]["A"], results[workload][level]["B"]
-            assert a["requests"] == b["requests"] == 2 == len(a["latencies_s"]) == len(b["latencies_s"])
-            assert a["output_tokens"] == b["output_tokens"] == 2 * output_tokens, (workload, level)
-            assert len(a["selection_ms"]) == 2 and b["selection_ms"] == [], "A selects every input, B none"
+            a, b, f = (results[workload][level][arm] for arm in ("A", "B", "F"))
+            assert a["requests"] == b["requests"] == f["requests"] == 2
+            assert len(a["latencies_s"]) == len(b["latencies_s"]) == len(f["latencies_s"]) == 2
+            assert a["output_tokens"] == b["output_tokens"] == f["output_tokens"] == 2 * output_tokens
+            assert len(a["selection_ms"]) == 2 and b["selection_ms"] == f["selection_ms"] == [], "only A selects"
             assert sum(a["guesses"].values()) == 2 and sum(b["guesses"].values()) == 0, "A guesses every input"
-            assert set(results[workload][level]["ratios"]) == {"throughput", "p50", "p95"}
+            ratios = set(results[workload][level]["ratios"])
+            assert ratios == {"throughput", "p50", "p95", "throughput_forced", "p50_forced"}
+
+
+def test_a_forced_prompt_the_bank_lacks_is_refused_before_the_server_starts(tiny_llama: Path, tmp_path: Path) -> None:
+    save_bank(random_bank(tiny_llama, "tiny", k=2, m=4, seed=0), tmp_path / "banks" / "tiny")
+    command = [
+        sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tiny_llama),
+        "--banks-dir", str(tmp_path / "banks"), "--bank", "tiny", "--forced", "nope",
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert run.returncode == 2 and "--forced 'nope'" in run.stderr and "tiny-p0" in run.stderr, run.stderr
+
+
+@pytest.mark.slow
+def test_the_speculation_benchmark_measures_grouped_and_alternating_traffic_on_three_servers(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    save_bank(random_bank(tiny_llama, "tiny", k=3, m=4, seed=0), tmp_path / "banks" / "tiny")
+    out = tmp_path / "speculation.json"
+    command = [
+        sys.executable, str(ROOT / "bench" / "speculation.py"), "--model", str(tiny_llama),
+        "--banks-dir", str(tmp_path / "banks"), "--bank", "tiny", "--per-task", "2", "--max-input-tokens", "40",
+        "--json", str(out),
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.count("| grouped |") == run.stdout.count("| alternating |") == 3, run.stdout
+
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["off", "idle, every guess", "idle, gated (default)"]
+    for server, orders in results.items():
+        assert list(orders) == ["grouped", "alternating"]
+        for order in orders.values():
+            assert order["requests"] == 4 and order["p50_s"] > 0
+            guesses = order["guesses"]
+            if server == "off":
+                assert sum(guesses.values()) == 0, "no guesses without speculation"
+            else:
+                assert 1 <= sum(guesses.values()) <= 4, (server, guesses)
+            if server == "idle, every guess":
+                assert guesses["skipped"] == 0, "without the gate every guess is acted on"

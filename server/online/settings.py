@@ -94,14 +94,14 @@ class ServeSettings(Settings):
         "off: never.",
     )
     selection_speculation_min_hit_rate: float = Field(
-        0.5,
+        0.7,
         ge=0.0,
         le=1.0,
         description="Speculate only while at least this share of the bank's recent guesses (an exponential "
         "average over about the last ten to twenty) matched what the pass chose. A miss costs more than not "
         "speculating (vLLM finishes the step it is in, the wasted prefill, before the right decode starts), a hit "
-        "saves the pass's time; at one client the two are about equal on CPU (docs/serving-cost.md), hence 0.5. "
-        "0: speculate whatever the guesses did.",
+        "saves about the pass's time; the default is about the break-even bench/speculation.py measured at one "
+        "client (docs/serving-cost.md). 0: speculate whatever the guesses did.",
     )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
