@@ -20,20 +20,27 @@ from server.core.banks import save_bank
 from tests.helpers import ROOT, random_bank
 
 
+def bench(script: str, model: Path, k: int, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run bench/`script` on `model` with a random bank "tiny" of k prompts (saved under `folder`)."""
+    save_bank(random_bank(model, "tiny", k=k, m=4, seed=0), folder / "banks" / "tiny")
+    command = [
+        sys.executable, str(ROOT / "bench" / script), "--model", str(model),
+        "--banks-dir", str(folder / "banks"), "--bank", "tiny", *args,
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT)}  # the project importable however it was installed
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+
+
 @pytest.mark.slow
 def test_the_serving_benchmark_measures_both_workloads_with_idp_on_off_and_forced(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    save_bank(random_bank(tiny_llama, "tiny", k=3, m=4, seed=0), tmp_path / "banks" / "tiny")
     out = tmp_path / "serve.json"
-    command = [
-        sys.executable, str(ROOT / "bench" / "serve.py"),
-        "--model", str(tiny_llama), "--banks-dir", str(tmp_path / "banks"), "--bank", "tiny",
+    run = bench(
+        "serve.py", tiny_llama, 3, tmp_path,
         "--concurrency", "1", "2", "--requests-per-level", "1", "--min-requests", "2", "--json", str(out),
         "--idp-flag=--selection-speculation=always", "--forced", "tiny-p1",
-    ]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(ROOT)}  # the project importable however it was installed
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert "scoring (250-token prompts" in run.stdout and "generation (128-token prompts" in run.stdout
     assert run.stdout.count("| p95 A/B |") == 2 and run.stdout.count("| p50 F/B |") == 2, run.stdout
@@ -53,13 +60,7 @@ def test_the_serving_benchmark_measures_both_workloads_with_idp_on_off_and_force
 
 
 def test_a_forced_prompt_the_bank_lacks_is_refused_before_the_server_starts(tiny_llama: Path, tmp_path: Path) -> None:
-    save_bank(random_bank(tiny_llama, "tiny", k=2, m=4, seed=0), tmp_path / "banks" / "tiny")
-    command = [
-        sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tiny_llama),
-        "--banks-dir", str(tmp_path / "banks"), "--bank", "tiny", "--forced", "nope",
-    ]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    run = bench("serve.py", tiny_llama, 2, tmp_path, "--forced", "nope")
     assert run.returncode == 2 and "--forced 'nope'" in run.stderr and "tiny-p0" in run.stderr, run.stderr
 
 
@@ -67,15 +68,10 @@ def test_a_forced_prompt_the_bank_lacks_is_refused_before_the_server_starts(tiny
 def test_the_speculation_benchmark_measures_grouped_and_alternating_traffic_on_three_servers(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    save_bank(random_bank(tiny_llama, "tiny", k=3, m=4, seed=0), tmp_path / "banks" / "tiny")
     out = tmp_path / "speculation.json"
-    command = [
-        sys.executable, str(ROOT / "bench" / "speculation.py"), "--model", str(tiny_llama),
-        "--banks-dir", str(tmp_path / "banks"), "--bank", "tiny", "--per-task", "2", "--max-input-tokens", "40",
-        "--json", str(out),
-    ]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    run = bench(
+        "speculation.py", tiny_llama, 3, tmp_path, "--per-task", "2", "--max-input-tokens", "40", "--json", str(out)
+    )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.count("| grouped |") == run.stdout.count("| alternating |") == 3, run.stdout
 
