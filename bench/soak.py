@@ -19,8 +19,10 @@ first third's slope is printed next to it to show how much it flattened.
 
 Against a running server (its pid, to find its process tree):
     python bench/soak.py --url http://127.0.0.1:8000 --pid PID [--clients 16] [--minutes 30] --out DIR
-Or launched here, with an allocator preloaded (Debian's libtcmalloc / libjemalloc, found with `ldconfig -p`) or
-glibc's arenas capped, the remedies vLLM's CPU documentation and glibc offer:
+Or launched here, with an allocator preloaded for the whole server (Debian's libtcmalloc / libjemalloc, found with
+`ldconfig -p`) or glibc's arenas capped, the remedies vLLM's CPU documentation and glibc offer. Without either the
+server runs on its defaults, which preload tcmalloc for vLLM's engine processes when it is installed
+(server/online/allocator.py); `--idp-flag=--engine-allocator=glibc` measures glibc's malloc:
     python bench/soak.py --launch [--allocator tcmalloc|jemalloc] [--malloc-arena-max 2] [--model M]
         [--banks-dir DIR] [--bank default] [--idp-flag=...] --minutes 30 --out DIR
 Re-analyse (and re-plot) a run's CSV: python bench/soak.py --analyze DIR/soak.csv --out DIR
@@ -34,7 +36,6 @@ import csv
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -46,26 +47,20 @@ import httpx
 import psutil
 from launch import free_port, server_process  # bench/launch.py, beside this script
 
+from server.online.allocator import LIBRARIES, find_library
+
 KINDS = ("scoring", "generation", "none", "stream")
 LEVEL_MIB_PER_MIN = 1.0
 """Last-third RSS slope under which a process counts as levelled off: 60 MiB an hour, a fraction of the growth
 the load test saw (~420 MiB over ~4,000 requests), yet above what allocator noise makes over ten minutes."""
-ALLOCATORS = {
-    "tcmalloc": (("libtcmalloc.so.4", "libtcmalloc_minimal.so.4"), "libgoogle-perftools4 or libtcmalloc-minimal4"),
-    "jemalloc": (("libjemalloc.so.2",), "libjemalloc2"),
-}
-"""Library names `ldconfig -p` lists for each allocator, and the Debian packages that ship them."""
 
 
 def find_allocator(name: str) -> str:
     """The path of an installed allocator library, or SystemExit naming the Debian package to install."""
-    names, package = ALLOCATORS[name]
-    listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False).stdout
-    for line in listing.splitlines():
-        library, _, path = line.strip().partition(" => ")
-        if library.split(" ")[0] in names and Path(path).exists():
-            return path
-    raise SystemExit(f"{name} is not installed (`ldconfig -p` lists none of {names}): apt-get install {package}")
+    path = find_library(name)
+    if path is None:
+        raise SystemExit(f"{name} is not installed: apt-get install {LIBRARIES[name][1]}")
+    return str(path)
 
 
 def server_env(allocator: str | None, arena_max: int | None) -> dict[str, str]:
@@ -305,7 +300,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between RSS samples")
-    parser.add_argument("--allocator", choices=sorted(ALLOCATORS), help="launch: LD_PRELOAD this allocator")
+    parser.add_argument("--allocator", choices=sorted(LIBRARIES), help="launch: LD_PRELOAD this allocator")
     parser.add_argument("--malloc-arena-max", type=int, help="launch: MALLOC_ARENA_MAX for glibc's malloc")
     parser.add_argument("--idp-flag", action="append", default=[], metavar="FLAG", help="launch: extra serve flag")
     args = parser.parse_args()

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from server.core.banks import PromptBank
 from server.core.identity import embedding_weight
 from server.core.selection import CachedSelector, load_selection_model
+from server.online.allocator import find_library
 from tests.helpers import LiveServer, idp, random_bank, start_server
 
 pytestmark = pytest.mark.slow
@@ -437,6 +438,21 @@ def test_malformed_json_unknown_route_and_server_survives(srv_live: LiveServer, 
     ok = srv_live.client().completions.create(model=tiny_llama.name, prompt="Still alive?", max_tokens=2)
     assert ok.choices[0].finish_reason == "length"
     assert httpx.get(f"{srv_live.url}/health").status_code == 200
+
+
+@pytest.mark.skipif(
+    find_library("jemalloc") is None,
+    reason="jemalloc is not installed (Debian libjemalloc2; scripts/install-test-tools.sh installs it as root)",
+)
+def test_vllms_engine_processes_run_on_jemalloc_and_the_server_keeps_its_environment(srv_live: LiveServer) -> None:
+    """On CPU the server preloads jemalloc for the processes vLLM starts (server/online/allocator.py), not for
+    itself or anything it starts later."""
+    engine = [p for p in psutil.Process().children(recursive=True) if "VLLM" in " ".join(p.cmdline())]
+    assert {"VLLM::EngineCore", "VLLM::Worker"} <= {" ".join(p.cmdline()).strip() for p in engine}  # proc titles
+    for process in engine:
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
+        assert "libjemalloc" in maps, f"{process.cmdline()} runs without jemalloc"
+    assert "libjemalloc" not in os.environ.get("LD_PRELOAD", ""), "put back once the engine started"
 
 
 def _engine_cores() -> set[int]:

@@ -114,6 +114,7 @@ async def _start(settings: ServeSettings) -> _Running:
         kv_cache_gib=settings.kv_cache_gib,
         enforce_eager=settings.enforce_eager,
         caller_uses_cuda=device.startswith("cuda"),
+        allocator=settings.engine_allocator,
         options=settings.engine_options,
     )
     try:

@@ -36,12 +36,14 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.logprobs import Logprob
 from vllm.outputs import RequestOutput
+from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from server.core.banks import PromptBank
 from server.core.identity import embedding_weight
+from server.online.allocator import Allocator, engine_malloc
 from server.online.cpus import pinned_by_children
 
 VLLM_VERSION: str = vllm.__version__
@@ -76,6 +78,8 @@ class EngineConfig:
     enforce_eager: bool = True
     caller_uses_cuda: bool = False
     """This process initialises CUDA itself (the selection pass on the GPU), maybe while vLLM starts."""
+    allocator: Allocator = "auto"
+    """malloc of the engine's processes (server/online/allocator.py)."""
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -167,7 +171,8 @@ class Engine:
             # vLLM forks its engine core unless CUDA is already initialised when it checks; a CUDA context made
             # by another thread of this process after that check would leave a forked child unable to use CUDA.
             os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
-        llm = AsyncLLM.from_engine_args(args)
+        with engine_malloc(config.allocator, current_platform.is_cpu()):  # for the processes vLLM spawns here
+            llm = AsyncLLM.from_engine_args(args)
         table = embedding_weight(config.model)
         return cls(llm, table, llm.model_config.max_model_len, pinned_by_children())
 

@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr
 
 from server.core.config import Settings
 from server.core.identity import DEFAULT_MODEL
+from server.online.allocator import Allocator
 
 REPO_BANKS = Path(__file__).resolve().parents[2] / "prompt_banks"
 
@@ -115,6 +116,13 @@ class ServeSettings(Settings):
     enforce_eager: bool = Field(True, description="Skip torch.compile / CUDA graphs (faster start, slower decode).")
     engine_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs fields), passed through."
+    )
+    engine_allocator: Allocator = Field(
+        "auto",
+        description="malloc of vLLM's engine processes, preloaded (LD_PRELOAD) before they start. auto: on CPU, "
+        "jemalloc if installed (Debian libjemalloc2) and no allocator is preloaded already, else glibc "
+        "with a warning: under glibc vLLM's CPU worker grows over hours of traffic (docs/serving-cost.md); "
+        "tcmalloc or jemalloc: that one, an error if missing; glibc: LD_PRELOAD left as it is.",
     )
     pin_frontend: bool = Field(
         True,
