@@ -228,18 +228,12 @@ def summary(results: dict[int, dict[str, Level]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for c, arms in results.items():
         a, b = arms["A"], arms["B"]
-        forced = {"F": arms["F"]} if "F" in arms else {}
+        ratios = {"throughput": a.throughput / b.throughput, "p50": a.p(50) / b.p(50), "p95": a.p(95) / b.p(95)}
+        if "F" in arms:
+            f = arms["F"]
+            ratios |= {"throughput_forced": f.throughput / b.throughput, "p50_forced": f.p(50) / b.p(50)}
         out[str(c)] = {
-            "ratios": {
-                "throughput": a.throughput / b.throughput,
-                "p50": a.p(50) / b.p(50),
-                "p95": a.p(95) / b.p(95),
-                **{
-                    f"{key}_forced": value
-                    for f in forced.values()
-                    for key, value in (("throughput", f.throughput / b.throughput), ("p50", f.p(50) / b.p(50)))
-                },
-            },
+            "ratios": ratios,
             **{
                 arm: asdict(level) | {"throughput": level.throughput, "p50": level.p(50), "p95": level.p(95)}
                 for arm, level in arms.items()

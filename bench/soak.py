@@ -21,7 +21,7 @@ Against a running server (its pid, to find its process tree):
     python bench/soak.py --url http://127.0.0.1:8000 --pid PID [--clients 16] [--minutes 30] --out DIR
 Or launched here, with an allocator preloaded for the whole server (Debian's libtcmalloc / libjemalloc, found with
 `ldconfig -p`) or glibc's arenas capped, the remedies vLLM's CPU documentation and glibc offer. Without either the
-server runs on its defaults, which preload tcmalloc for vLLM's engine processes when it is installed
+server runs on its defaults, which preload jemalloc for vLLM's engine processes when it is installed
 (server/online/allocator.py); `--idp-flag=--engine-allocator=glibc` measures glibc's malloc:
     python bench/soak.py --launch [--allocator tcmalloc|jemalloc] [--malloc-arena-max 2] [--model M]
         [--banks-dir DIR] [--bank default] [--idp-flag=...] --minutes 30 --out DIR
